@@ -1,0 +1,293 @@
+"""LoRA files: validation, loading (release format and ours), strength, fusing, and the writer.
+
+File format (spec: "LoRA"): safetensors, diffusers/PEFT keys with a `transformer.` prefix
+(`transformer.transformer_blocks.0.attn1.to_q.lora_A.weight`), only LoRA tensors. Files we write fold
+alpha/rank into `lora_B`, so diffusers' CogVideoX loader (which assumes alpha = rank without metadata)
+computes the same thing as we do; the header carries diffusers' `lora_adapter_metadata` and our
+`sdvgen.*` keys. The authors' release file has no metadata and no alpha: its rank 128 / alpha 64
+convention (scale 0.5) is applied at load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+from peft import LoraConfig, get_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import LoraLoadError
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGET_MODULES = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj", "text_proj", "norm1.linear", "norm2.linear", "ff.net.2",
+)
+RELEASE_RANK = 128
+RELEASE_ALPHA = 64
+DEFAULT_ADAPTER = "sdvgen"
+FORMAT_VERSION = "1"
+_KEY_PREFIXES = ("transformer.", "base_model.model.")
+
+
+def make_lora_config(
+    rank: int = RELEASE_RANK,
+    alpha: float = RELEASE_ALPHA,
+    dropout: float = 0.0,
+    target_modules: tuple[str, ...] | list[str] = LORA_TARGET_MODULES,
+) -> LoraConfig:
+    """PEFT config of the paper's adapter (rank 128, alpha 64, suffix-matched targets)."""
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), init_lora_weights=True
+    )
+
+
+@dataclass
+class LoraFileInfo:
+    """What a loaded LoRA file turned out to be."""
+
+    path: str
+    num_modules: int
+    rank: int
+    alpha: float
+    alpha_source: str  # "sdvgen", "diffusers-metadata" or "release-default"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a safetensors file; never unpickles anything."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraLoadError(f"LoRA file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            metadata = dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as error:
+        hint = " (a pickle .pt/.ckpt/.bin file? those are never loaded: convert it to safetensors)"
+        raise LoraLoadError(f"LoRA file {str(path)!r} is not a readable safetensors file{hint}: {error}") from None
+    return tensors, metadata
+
+
+def _normalize_keys(tensors: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """Strip `transformer.` / `base_model.model.` prefixes and PEFT adapter names; reject non-LoRA tensors."""
+    if not any(".lora_A." in key or ".lora_B." in key for key in tensors):
+        raise LoraLoadError(
+            f"{path!r} holds no LoRA tensors (no `lora_A`/`lora_B` keys; first key: {next(iter(tensors), 'none')!r}); "
+            f"it is not a diffusers/PEFT LoRA"
+        )
+    normalized = {}
+    for key, value in tensors.items():
+        if ".lora_A." not in key and ".lora_B." not in key:
+            raise LoraLoadError(
+                f"{path!r} has a non-LoRA tensor {key!r}; expected only diffusers/PEFT `lora_A`/`lora_B` weights "
+                f"(kohya/LyCORIS files with alpha or hada keys are not supported)"
+            )
+        for prefix in _KEY_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        module, _, rest = key.partition(".lora_")
+        kind = rest.split(".")[0]  # "A" or "B"
+        normalized[f"{module}.lora_{kind}.weight"] = value
+    return normalized
+
+
+def _module_ranks(tensors: dict[str, torch.Tensor], transformer: nn.Module, path: str) -> dict[str, int]:
+    """Check every LoRA pair against the model; return each module's rank. Errors name the first bad key."""
+    modules = dict(transformer.named_modules())
+    ranks = {}
+    for key in sorted(tensors):
+        if ".lora_A." not in key:
+            continue
+        name = key.split(".lora_A.")[0]
+        module = modules.get(name)
+        base = getattr(module, "base_layer", module)
+        if module is None or not isinstance(base, (nn.Linear, nn.Conv2d)):
+            raise LoraLoadError(
+                f"{path!r} is a LoRA for another model: key 'transformer.{key}' names module {name!r}, which this "
+                f"CogVideoX transformer does not have as a Linear/Conv layer"
+            )
+        b_key = f"{name}.lora_B.weight"
+        if b_key not in tensors:
+            raise LoraLoadError(f"{path!r}: key 'transformer.{key}' has no matching 'transformer.{b_key}'")
+        lora_a, lora_b = tensors[key], tensors[b_key]
+        rank = lora_a.shape[0]
+        if isinstance(base, nn.Linear):
+            expected_a, expected_b = (rank, base.in_features), (base.out_features, rank)
+        else:
+            expected_a = (rank, base.in_channels, *base.kernel_size)
+            expected_b = (base.out_channels, rank, 1, 1)
+        if tuple(lora_a.shape) != expected_a:
+            raise LoraLoadError(
+                f"{path!r}: shape mismatch at 'transformer.{key}': {tuple(lora_a.shape)}, but module {name!r} needs "
+                f"{expected_a} (a LoRA for another model size?)"
+            )
+        if tuple(lora_b.shape) != expected_b:
+            raise LoraLoadError(
+                f"{path!r}: rank/shape mismatch at 'transformer.{b_key}': {tuple(lora_b.shape)}, but lora_A has rank "
+                f"{rank} and module {name!r} needs {expected_b}"
+            )
+        ranks[name] = rank
+    orphans = [k for k in tensors if ".lora_B." in k and k.split(".lora_B.")[0] not in ranks]
+    if orphans:
+        raise LoraLoadError(f"{path!r}: key 'transformer.{orphans[0]}' has no matching lora_A")
+    return ranks
+
+
+def _alphas(metadata: dict[str, str], ranks: dict[str, int]) -> tuple[dict[str, float], str]:
+    """Per-module alpha: from diffusers' adapter metadata if present, else the release's alpha = rank / 2."""
+    raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
+    if raw:
+        config = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
+        if "lora_alpha" in config:
+            default = float(config["lora_alpha"])
+            pattern = config.get("alpha_pattern") or {}
+            alphas = {
+                name: float(next((a for p, a in pattern.items() if name == p or name.endswith("." + p)), default))
+                for name in ranks
+            }
+            return alphas, "sdvgen" if "sdvgen.format_version" in metadata else "diffusers-metadata"
+    return {name: rank * RELEASE_ALPHA / RELEASE_RANK for name, rank in ranks.items()}, "release-default"
+
+
+def load_lora(
+    transformer: nn.Module,
+    path: str | os.PathLike,
+    strength: float = 1.0,
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> LoraFileInfo:
+    """Validate `path` against `transformer`, then load it as PEFT adapter `adapter_name` at `strength`.
+
+    Replaces an adapter of the same name. Raises `LoraLoadError` naming the file and the first bad key.
+    """
+    path = str(path)
+    tensors, metadata = read_lora_file(path)
+    tensors = _normalize_keys(tensors, path)
+    ranks = _module_ranks(tensors, transformer, path)
+    alphas, alpha_source = _alphas(metadata, ranks)
+
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config = {
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {name: r for name, r in ranks.items() if r != rank},
+        "alpha_pattern": {name: a for name, a in alphas.items() if a != alpha},
+    }
+    if adapter_name in getattr(transformer, "peft_config", {}):
+        transformer.delete_adapters(adapter_name)
+    model_dtype = next(transformer.parameters()).dtype
+    transformer.load_lora_adapter(
+        {k: v.to(model_dtype) for k, v in tensors.items()}, prefix=None, adapter_name=adapter_name, metadata=config
+    )
+    loaded = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    if set(loaded) != set(tensors):
+        missing = sorted(set(tensors) - set(loaded))
+        raise LoraLoadError(f"{path!r}: {len(missing)} LoRA tensors did not load, first {missing[:1]}")
+    transformer.set_adapters([adapter_name], weights=[strength])
+    logger.info(
+        "loaded LoRA %s: %d modules, rank %d, alpha %s (%s), strength %s",
+        path, len(ranks), rank, alpha, alpha_source, strength,
+    )
+    sdvgen_metadata = {k: v for k, v in metadata.items() if k.startswith("sdvgen.")}
+    return LoraFileInfo(path, len(ranks), rank, alpha, alpha_source, sdvgen_metadata)
+
+
+def is_fused(transformer: nn.Module) -> bool:
+    """Whether any LoRA layer of `transformer` is merged into its base weights."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) and m.merged for m in transformer.modules())
+
+
+def set_lora_strength(transformer: nn.Module, strength: float, adapter_name: str = DEFAULT_ADAPTER) -> None:
+    """Change the strength of a loaded adapter; a fused model is unfused, rescaled and fused again."""
+    fused = is_fused(transformer)
+    if fused:
+        transformer.unfuse_lora()
+    transformer.set_adapters([adapter_name], weights=[strength])
+    if fused:
+        transformer.fuse_lora(adapter_names=[adapter_name])
+
+
+def lora_state_dict_for_file(
+    transformer: nn.Module, adapter_name: str = DEFAULT_ADAPTER
+) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    """The adapter's tensors with alpha/rank folded into `lora_B` and the `transformer.` prefix added."""
+    config = transformer.peft_config[adapter_name]
+    state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    folded = {}
+    for key, value in state.items():
+        value = value.detach().to("cpu", torch.float32)
+        if ".lora_B." in key:
+            name = key.split(".lora_B.")[0]
+            rank = _pattern_value(config.rank_pattern, name, config.r)
+            alpha = _pattern_value(config.alpha_pattern, name, config.lora_alpha)
+            value = value * (alpha / rank)
+        folded[f"transformer.{key}"] = value.contiguous()
+    return folded, config
+
+
+def _pattern_value(pattern: dict, name: str, default: float) -> float:
+    return next((v for p, v in (pattern or {}).items() if name == p or name.endswith("." + p)), default)
+
+
+def save_lora(
+    transformer: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = DEFAULT_ADAPTER,
+    dtype: torch.dtype = torch.bfloat16,
+    extra_metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write the adapter as a LoRA file loadable here and by diffusers' `load_lora_weights`.
+
+    Written to a temporary file in the same folder and renamed, so an interrupted save never leaves a
+    half-written LoRA behind. `extra_metadata` (e.g. base model, `<cls>` handling, training recipe) goes
+    into the header under its own keys.
+    """
+    path = Path(path)
+    tensors, config = lora_state_dict_for_file(transformer, adapter_name)
+    tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    ranks = {k.removeprefix("transformer.").split(".lora_A.")[0]: v.shape[0] for k, v in tensors.items() if ".lora_A." in k}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    targets = config.target_modules
+    targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+    diffusers_config = {
+        "r": rank,
+        "lora_alpha": rank,  # alpha folded into lora_B
+        "target_modules": sorted(ranks),
+        "rank_pattern": {n: r for n, r in ranks.items() if r != rank},
+        "alpha_pattern": {n: r for n, r in ranks.items() if r != rank},
+    }
+    metadata = {
+        "format": "pt",
+        LORA_ADAPTER_METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in diffusers_config.items()}, sort_keys=True),
+        "sdvgen.format_version": FORMAT_VERSION,
+        "sdvgen.rank": str(config.r),
+        "sdvgen.alpha": str(config.lora_alpha),
+        "sdvgen.alpha_folded": "true",
+        "sdvgen.target_modules": json.dumps(targets),
+        "sdvgen.num_modules": str(len(ranks)),
+    }
+    metadata.update({k: str(v) for k, v in (extra_metadata or {}).items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, tmp_name, metadata=metadata)
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return path

@@ -1,0 +1,340 @@
+"""Subject-driven CogVideoX sampling: `SDVGenPipeline` (a `CogVideoXPipeline` with reference tokens).
+
+Guidance follows the authors' release: the reference tokens are in both halves of the CFG batch, so
+classifier-free guidance is over the text only. `reference_guidance_scale` (off by default) adds an
+extra branch without the reference and pushes the prediction away from it:
+
+    v = v(∅, ref) + cfg * (v(text, ref) - v(∅, ref)) + reference_guidance_scale * (v(text, ref) - v(text, ∅))
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    CogVideoXDDIMScheduler,
+    CogVideoXDPMScheduler,
+    CogVideoXPipeline,
+)
+from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
+from transformers import AutoTokenizer, T5EncoderModel
+
+from .errors import ModelLoadError, SDVGenError
+from .lora import DEFAULT_ADAPTER, LoraFileInfo, load_lora
+from .prompts import ClsTokenInfo, add_cls_token, encode_prompts
+from .reference import FitMode, ImageInput, encode_reference, prepare_reference_image
+from .transformer import SDVGenTransformer3DModel
+
+logger = logging.getLogger(__name__)
+
+MODEL_SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SCHEDULERS = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}
+
+
+class MemoryMode(str, Enum):
+    ON_DEVICE = "on_device"  # everything resident on the device: fastest, most memory
+    MODEL_OFFLOAD = "model_offload"  # one whole model on the device at a time
+    SEQUENTIAL_OFFLOAD = "sequential_offload"  # one layer at a time: least memory, slowest
+
+
+@dataclass
+class StepInfo:
+    """What a step callback sees after denoising step `step` (0-based) of `total_steps`."""
+
+    step: int
+    total_steps: int
+    timestep: int
+    latents: torch.Tensor  # [B, T, C, h, w] after this step
+    denoised: torch.Tensor  # [B, T, C, h, w] current clean-latent estimate, for previews
+
+
+StepCallback = Callable[[StepInfo], None]
+
+
+@dataclass
+class SDVGenOutput:
+    frames: torch.Tensor | None  # [B, T, 3, H, W] in 0..1 (None for output_type="latent")
+    latents: torch.Tensor  # [B, T, C, h, w] final latents
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise SDVGenError(f"precision {dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_model_dir(model_dir: str | os.PathLike) -> Path:
+    """Raise `ModelLoadError` naming what is missing unless `model_dir` is a CogVideoX diffusers folder with safetensors."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise ModelLoadError(
+            f"model folder {str(root)!r} does not exist; download CogVideoX-5B in diffusers layout "
+            f"(THUDM/CogVideoX-5b) and point to the folder that holds {', '.join(MODEL_SUBFOLDERS)}"
+        )
+    missing = [name for name in MODEL_SUBFOLDERS if not (root / name).is_dir()]
+    if missing:
+        raise ModelLoadError(
+            f"model folder {str(root)!r} lacks the subfolder(s) {missing}; expected the diffusers layout "
+            f"{list(MODEL_SUBFOLDERS)} (as in THUDM/CogVideoX-5b)"
+        )
+    for name in ("transformer", "vae", "text_encoder"):
+        folder = root / name
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"{str(folder)!r} has no config.json; the model folder is incomplete")
+        if not any(folder.glob("*.safetensors")):
+            pickles = sorted(p.name for p in folder.glob("*.bin"))
+            hint = f" (found only pickle files {pickles}, which are never loaded)" if pickles else ""
+            raise ModelLoadError(f"{str(folder)!r} has no .safetensors weights{hint}; convert or re-download them")
+    return root
+
+
+class SDVGenPipeline(CogVideoXPipeline):
+    """CogVideoX-5B text-to-video with a subject reference image (zero-shot SDV-Gen)."""
+
+    transformer: SDVGenTransformer3DModel
+
+    def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler) -> None:
+        super().__init__(tokenizer, text_encoder, vae, transformer, scheduler)
+        self.cls_info: ClsTokenInfo = add_cls_token(self.tokenizer, self.text_encoder)
+        self.lora_info: LoraFileInfo | None = None
+        self.memory_mode = MemoryMode.ON_DEVICE
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        model_dir: str | os.PathLike,
+        dtype: str | torch.dtype = "bf16",
+        lora_path: str | os.PathLike | None = None,
+        lora_strength: float = 1.0,
+        fuse_lora: bool = False,
+        scheduler: str = "ddim",
+    ) -> "SDVGenPipeline":
+        """Load a CogVideoX diffusers folder (safetensors only) on the CPU, optionally with a LoRA.
+
+        Call `set_memory_mode` afterwards to place it on a device.
+        """
+        root = check_model_dir(model_dir)
+        torch_dtype = resolve_dtype(dtype)
+        try:
+            transformer = SDVGenTransformer3DModel.from_pretrained(
+                root, subfolder="transformer", torch_dtype=torch_dtype, use_safetensors=True
+            )
+            vae = AutoencoderKLCogVideoX.from_pretrained(
+                root, subfolder="vae", torch_dtype=torch_dtype, use_safetensors=True
+            )
+            text_encoder = T5EncoderModel.from_pretrained(
+                root / "text_encoder", torch_dtype=torch_dtype, use_safetensors=True
+            )
+            tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelLoadError(f"cannot load the model in {str(root)!r}: {error}") from error
+        transformer.check_supported()
+        scheduler_class = SCHEDULERS.get(scheduler)
+        if scheduler_class is None:
+            raise SDVGenError(f"scheduler {scheduler!r} is not one of {sorted(SCHEDULERS)}")
+        pipe = cls(tokenizer, text_encoder, vae, transformer, scheduler_class.from_pretrained(root, subfolder="scheduler"))
+        if lora_path is not None:
+            pipe.load_lora(lora_path, lora_strength, fuse=fuse_lora)
+        return pipe
+
+    def load_lora(self, path: str | os.PathLike, strength: float = 1.0, fuse: bool = False) -> LoraFileInfo:
+        """Load (or replace) the SDV-Gen LoRA; `fuse` merges it into the weights for speed."""
+        if any(getattr(m, "merged", False) for m in self.transformer.modules()):
+            self.transformer.unfuse_lora()
+        self.lora_info = load_lora(self.transformer, path, strength=strength, adapter_name=DEFAULT_ADAPTER)
+        if fuse:
+            self.transformer.fuse_lora(adapter_names=[DEFAULT_ADAPTER])
+        return self.lora_info
+
+    def set_scheduler(self, name: str) -> None:
+        if name not in SCHEDULERS:
+            raise SDVGenError(f"scheduler {name!r} is not one of {sorted(SCHEDULERS)}")
+        if not isinstance(self.scheduler, SCHEDULERS[name]):
+            self.scheduler = SCHEDULERS[name].from_config(self.scheduler.config)
+
+    def set_memory_mode(self, mode: MemoryMode | str, device: torch.device | str) -> None:
+        """Place the models: all on `device`, or offloaded to the CPU and brought to `device` when used."""
+        mode = MemoryMode(mode)
+        device = torch.device(device)
+        if mode is not MemoryMode.ON_DEVICE and device.type == "cpu":
+            logger.warning("memory mode %s needs an accelerator; running everything on the CPU", mode.value)
+            mode = MemoryMode.ON_DEVICE
+        self.remove_all_hooks()
+        if mode is MemoryMode.ON_DEVICE:
+            self.to(device)
+        elif mode is MemoryMode.MODEL_OFFLOAD:
+            self.enable_model_cpu_offload(device=device)
+        else:
+            self.enable_sequential_cpu_offload(device=device)
+        self.memory_mode = mode
+
+    def _get_t5_prompt_embeds(self, prompt=None, num_videos_per_prompt=1, max_sequence_length=226, device=None, dtype=None):
+        prompt = [prompt] if isinstance(prompt, str) else prompt
+        embeds = encode_prompts(
+            self.tokenizer, self.text_encoder, prompt, device or self._execution_device,
+            dtype or self.text_encoder.dtype, max_sequence_length,
+        )
+        return embeds.repeat_interleave(num_videos_per_prompt, dim=0)
+
+    def encode_reference_image(
+        self,
+        image: ImageInput,
+        height: int,
+        width: int,
+        fit: FitMode | str = FitMode.CROP,
+        subject_mask: ImageInput | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Subject image -> reference latents `[1, 1, C, height/8, width/8]`."""
+        pixels = prepare_reference_image(image, height, width, fit=fit, subject_mask=subject_mask)
+        return encode_reference(self.vae, pixels, generator=generator)
+
+    def check_generation_args(self, height: int, width: int, num_frames: int, num_inference_steps: int) -> None:
+        multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size
+        if height <= 0 or width <= 0 or height % multiple or width % multiple:
+            raise SDVGenError(f"size {width}x{height} must be positive multiples of {multiple} (e.g. 720x480)")
+        limit = self.transformer.config.sample_frames
+        if num_frames < 1 or (num_frames - 1) % self.vae_scale_factor_temporal or num_frames > limit:
+            raise SDVGenError(
+                f"frames={num_frames} must be 4k+1 (1, 5, 9, ..., {limit}) and at most the model's {limit}"
+            )
+        if num_inference_steps < 1:
+            raise SDVGenError(f"steps={num_inference_steps} must be at least 1")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        reference_image: ImageInput | None = None,
+        reference_latents: torch.Tensor | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int = 480,
+        width: int = 720,
+        num_frames: int = 49,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 6.0,
+        use_dynamic_cfg: bool = False,
+        reference_guidance_scale: float = 0.0,
+        fit: FitMode | str = FitMode.CROP,
+        subject_mask: ImageInput | None = None,
+        generator: torch.Generator | None = None,
+        eta: float = 0.0,
+        output_type: str = "pt",
+        callback: StepCallback | None = None,
+    ) -> SDVGenOutput:
+        """Generate `[B, num_frames, 3, height, width]` frames (or latents with `output_type="latent"`).
+
+        Give the subject as `reference_image` (fitted and VAE-encoded here) or as ready `reference_latents`
+        `[B, 1, C, h, w]`; with neither it is plain CogVideoX text-to-video. `callback` runs after every step
+        and may raise (e.g. `GenerationCancelled`) to stop.
+        """
+        self.check_generation_args(height, width, num_frames, num_inference_steps)
+        if reference_guidance_scale and reference_image is None and reference_latents is None:
+            raise SDVGenError("reference_guidance_scale needs a reference image")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        batch_size = len(prompts)
+        device = self._execution_device
+        dtype = self.transformer.dtype
+        do_cfg = guidance_scale > 1.0
+
+        prompt_embeds, negative_embeds = self.encode_prompt(
+            prompts, negative_prompt, do_cfg, device=device, dtype=dtype
+        )
+        if reference_image is not None:
+            reference_latents = self.encode_reference_image(
+                reference_image, height, width, fit=fit, subject_mask=subject_mask, generator=generator
+            )
+        if reference_latents is not None:
+            reference_latents = reference_latents.to(device=device, dtype=dtype)
+            if reference_latents.shape[0] == 1 and batch_size > 1:
+                reference_latents = reference_latents.expand(batch_size, -1, -1, -1, -1)
+
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device)
+        latents = self.prepare_latents(
+            batch_size, self.transformer.config.in_channels, num_frames, height, width, dtype, device, generator
+        )
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        text_embeds = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+        branch_reference = (
+            torch.cat([reference_latents] * 2) if do_cfg and reference_latents is not None else reference_latents
+        )
+
+        old_pred_original_sample = None
+        try:
+            with self.progress_bar(total=num_inference_steps) as progress_bar:
+                for i, t in enumerate(timesteps):
+                    model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
+                    velocity = self.transformer(
+                        hidden_states=model_input,
+                        encoder_hidden_states=text_embeds,
+                        timestep=t.expand(model_input.shape[0]),
+                        reference_latents=branch_reference,
+                        return_dict=False,
+                    )[0].float()
+                    scale = guidance_scale
+                    if use_dynamic_cfg:
+                        scale = 1 + guidance_scale * (
+                            (1 - math.cos(math.pi * ((num_inference_steps - t.item()) / num_inference_steps) ** 5.0)) / 2
+                        )
+                    if do_cfg:
+                        velocity_uncond, velocity_text = velocity.chunk(2)
+                        velocity = velocity_uncond + scale * (velocity_text - velocity_uncond)
+                    else:
+                        velocity_text = velocity
+                    if reference_guidance_scale:
+                        velocity_no_reference = self.transformer(
+                            hidden_states=self.scheduler.scale_model_input(latents, t),
+                            encoder_hidden_states=prompt_embeds,
+                            timestep=t.expand(latents.shape[0]),
+                            return_dict=False,
+                        )[0].float()
+                        velocity = velocity + reference_guidance_scale * (velocity_text - velocity_no_reference)
+
+                    if isinstance(self.scheduler, CogVideoXDPMScheduler):
+                        latents, old_pred_original_sample = self.scheduler.step(
+                            velocity, old_pred_original_sample, t, timesteps[i - 1] if i > 0 else None, latents,
+                            **extra_step_kwargs, return_dict=False,
+                        )
+                        denoised = old_pred_original_sample
+                    else:
+                        step_output = self.scheduler.step(velocity, t, latents, **extra_step_kwargs)
+                        latents, denoised = step_output.prev_sample, step_output.pred_original_sample
+                    latents = latents.to(dtype)
+                    progress_bar.update()
+                    if callback is not None:
+                        callback(StepInfo(i, num_inference_steps, int(t), latents, denoised))
+            frames = None if output_type == "latent" else self.decode(latents)
+        finally:
+            self.maybe_free_model_hooks()
+        return SDVGenOutput(frames=frames, latents=latents)
+
+    @torch.no_grad()
+    def decode(
+        self,
+        latents: torch.Tensor,
+        tiled: bool = False,
+        tile_sample_min_height: int | None = None,
+        tile_sample_min_width: int | None = None,
+        tile_overlap_factor: float | None = None,
+    ) -> torch.Tensor:
+        """Latents `[B, T, C, h, w]` -> frames `[B, 4(T-1)+1, 3, 8h, 8w]` in 0..1; `tiled` decodes in overlapping tiles."""
+        if tiled:
+            self.vae.enable_tiling(
+                tile_sample_min_height, tile_sample_min_width, tile_overlap_factor, tile_overlap_factor
+            )
+        else:
+            self.vae.disable_tiling()
+        latents = latents.to(device=self._execution_device, dtype=self.vae.dtype)
+        frames = self.decode_latents(latents)  # [B, 3, F, H, W] in -1..1
+        return ((frames.float() / 2 + 0.5).clamp(0, 1)).permute(0, 2, 1, 3, 4)

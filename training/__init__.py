@@ -1,0 +1,1 @@
+"""The dual-task LoRA fine-tuner (accelerate); imports `sdvgen_core`, never ComfyUI."""
