@@ -337,4 +337,8 @@ class SDVGenPipeline(CogVideoXPipeline):
             self.vae.disable_tiling()
         latents = latents.to(device=self._execution_device, dtype=self.vae.dtype)
         frames = self.decode_latents(latents)  # [B, 3, F, H, W] in -1..1
+        # The VAE keeps the first latent frame as one frame only when the latent count is odd (13 for
+        # 49 frames); an even count comes back as 4T frames, whose 3 leading extras are dropped.
+        expected = self.vae_scale_factor_temporal * (latents.shape[1] - 1) + 1
+        frames = frames[:, :, frames.shape[2] - expected :]
         return ((frames.float() / 2 + 0.5).clamp(0, 1)).permute(0, 2, 1, 3, 4)

@@ -90,7 +90,7 @@ def tokenize_prompts(
         return_tensors="pt",
     )
     for prompt, kept in zip(prompts, encoded.input_ids):
-        full = tokenizer(prompt, add_special_tokens=True).input_ids
+        full = tokenizer(prompt, add_special_tokens=True, verbose=False).input_ids
         if len(full) > max_length:
             cut = tokenizer.decode(full[max_length - 1 : -1], skip_special_tokens=False)
             logger.warning(

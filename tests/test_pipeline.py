@@ -1,0 +1,202 @@
+"""Sampling: determinism, guidance branches, schedulers, callbacks/cancel, decoding, model-folder errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+from sdvgen_core.errors import GenerationCancelled, ModelLoadError, SDVGenError
+from sdvgen_core.pipeline import MemoryMode, SDVGenPipeline
+
+from conftest import draw_subject
+
+SMALL = {"height": 48, "width": 64, "num_frames": 5, "num_inference_steps": 3}
+PROMPT = "a <cls> dog runs on the beach"
+
+
+def run(pipe, seed=0, **kwargs):
+    settings = {**SMALL, **kwargs}
+    settings.setdefault("reference_image", draw_subject())
+    return pipe(PROMPT, generator=torch.Generator().manual_seed(seed), **settings)
+
+
+def count_transformer_calls(pipe):
+    calls = []
+    handle = pipe.transformer.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    return calls, handle
+
+
+def test_same_seed_same_video(tiny_pipe):
+    first, second = run(tiny_pipe, seed=5), run(tiny_pipe, seed=5)
+    assert first.frames.shape == (1, 5, 3, 48, 64)
+    torch.testing.assert_close(first.frames, second.frames, rtol=0, atol=0)
+    other = run(tiny_pipe, seed=6)
+    assert (first.frames - other.frames).abs().max() > 1e-3
+
+
+def test_reference_changes_the_video(tiny_pipe):
+    red = run(tiny_pipe, reference_image=draw_subject(color=(250, 0, 0), background=(0, 0, 0)))
+    green = run(tiny_pipe, reference_image=draw_subject(color=(0, 250, 0), background=(255, 255, 255)))
+    text_only = run(tiny_pipe, reference_image=None)
+    assert (red.latents - green.latents).abs().max() > 1e-3
+    assert (red.latents - text_only.latents).abs().max() > 1e-3
+
+
+def test_cfg_batches_reference_in_both_halves_and_reference_guidance_adds_a_branch(tiny_pipe):
+    calls, handle = count_transformer_calls(tiny_pipe)
+    try:
+        base = run(tiny_pipe, output_type="latent")
+        assert calls == [2] * SMALL["num_inference_steps"]  # one batched pass: [uncond ; cond], both with the reference
+        calls.clear()
+        guided = run(tiny_pipe, output_type="latent", reference_guidance_scale=2.0)
+        assert calls == [2, 1] * SMALL["num_inference_steps"]  # plus the branch without the reference
+        calls.clear()
+        no_cfg = run(tiny_pipe, output_type="latent", guidance_scale=1.0)
+        assert calls == [1] * SMALL["num_inference_steps"]
+    finally:
+        handle.remove()
+    assert base.frames is None
+    assert (base.latents - guided.latents).abs().max() > 1e-4
+    assert (base.latents - no_cfg.latents).abs().max() > 1e-4
+
+
+def test_reference_guidance_formula(tiny_pipe, monkeypatch):
+    """With a stub transformer the guided velocity must follow the documented formula exactly."""
+    values = {}
+
+    def fake_forward(hidden_states, encoder_hidden_states, timestep, reference_latents=None, return_dict=False, **_):
+        if reference_latents is None:
+            out = torch.full_like(hidden_states, 0.5)  # v(text, no reference)
+        else:
+            out = torch.cat([torch.full_like(hidden_states[:1], 1.0), torch.full_like(hidden_states[1:], 3.0)])
+        return (out,)
+
+    class Recorder:
+        def __init__(self, scheduler):
+            self.scheduler = scheduler
+
+        def __getattr__(self, name):
+            return getattr(self.scheduler, name)
+
+        def step(self, model_output, *args, **kwargs):
+            values.setdefault("velocity", model_output.clone())
+            return self.scheduler.step(model_output, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe.transformer, "forward", fake_forward)
+    monkeypatch.setattr(tiny_pipe, "scheduler", Recorder(tiny_pipe.scheduler))
+    run(tiny_pipe, output_type="latent", guidance_scale=6.0, reference_guidance_scale=2.0)
+    # v = 1 + 6 (3 - 1) + 2 (3 - 0.5)
+    torch.testing.assert_close(values["velocity"], torch.full_like(values["velocity"], 1 + 6 * 2 + 2 * 2.5))
+
+
+def test_dynamic_cfg_and_dpm(tiny_pipe):
+    static = run(tiny_pipe, output_type="latent", num_inference_steps=4)
+    dynamic = run(tiny_pipe, output_type="latent", num_inference_steps=4, use_dynamic_cfg=True)
+    assert (static.latents - dynamic.latents).abs().max() > 1e-4
+    tiny_pipe.set_scheduler("dpm")
+    try:
+        dpm = run(tiny_pipe, output_type="latent", num_inference_steps=4)
+        dpm_again = run(tiny_pipe, output_type="latent", num_inference_steps=4)
+    finally:
+        tiny_pipe.set_scheduler("ddim")
+    torch.testing.assert_close(dpm.latents, dpm_again.latents, rtol=0, atol=0)
+    assert (dpm.latents - static.latents).abs().max() > 1e-4
+    with pytest.raises(SDVGenError, match="scheduler 'euler'"):
+        tiny_pipe.set_scheduler("euler")
+
+
+def test_callback_sees_every_step_and_can_cancel(tiny_pipe):
+    seen = []
+    run(tiny_pipe, output_type="latent", callback=seen.append)
+    assert [s.step for s in seen] == [0, 1, 2] and all(s.total_steps == 3 for s in seen)
+    assert seen[0].denoised.shape == seen[0].latents.shape == (1, 2, 16, 6, 8)
+    assert seen[0].timestep > seen[-1].timestep
+
+    def cancel_at_second_step(info):
+        seen.append(info.step)
+        if info.step == 1:
+            raise GenerationCancelled("stop")
+
+    seen.clear()
+    with pytest.raises(GenerationCancelled):
+        run(tiny_pipe, callback=cancel_at_second_step)
+    assert seen == [0, 1]
+
+
+def test_decode_plain_and_tiled(tiny_pipe):
+    latents = run(tiny_pipe, output_type="latent", height=128, width=160).latents
+    plain = tiny_pipe.decode(latents)
+    tiled = tiny_pipe.decode(latents, tiled=True, tile_sample_min_height=64, tile_sample_min_width=64,
+                             tile_overlap_factor=0.25)
+    assert tiny_pipe.vae.use_tiling
+    tiny_pipe.decode(latents)
+    assert not tiny_pipe.vae.use_tiling
+    assert plain.shape == tiled.shape == (1, 5, 3, 128, 160)
+    assert 0 <= tiled.min() and tiled.max() <= 1
+    assert (plain - tiled).abs().mean() < 0.1  # same picture, up to seams
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_frames": 6}, "must be 4k\\+1"),
+        ({"num_frames": 53}, "at most the model's 49"),
+        ({"height": 50}, "multiples of 16"),
+        ({"num_inference_steps": 0}, "at least 1"),
+        ({"reference_image": None, "reference_guidance_scale": 1.0}, "needs a reference image"),
+    ],
+)
+def test_bad_generation_arguments(tiny_pipe, kwargs, message):
+    with pytest.raises(SDVGenError, match=message):
+        run(tiny_pipe, **kwargs)
+
+
+def test_offload_modes_fall_back_on_cpu(tiny_pipe, caplog):
+    with caplog.at_level(logging.WARNING):
+        tiny_pipe.set_memory_mode(MemoryMode.MODEL_OFFLOAD, "cpu")
+    assert tiny_pipe.memory_mode is MemoryMode.ON_DEVICE
+    assert "needs an accelerator" in caplog.text
+    with pytest.raises(ValueError):
+        tiny_pipe.set_memory_mode("vram_magic", "cpu")
+
+
+def test_model_folder_errors(tiny_model_dir, tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        SDVGenPipeline.from_model_dir(tmp_path / "missing")
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_model_dir, partial)
+    shutil.rmtree(partial / "vae")
+    with pytest.raises(ModelLoadError, match=r"lacks the subfolder\(s\) \['vae'\]"):
+        SDVGenPipeline.from_model_dir(partial)
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    weights = pickled / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(ModelLoadError, match="only pickle files"):
+        SDVGenPipeline.from_model_dir(pickled)
+    with pytest.raises(SDVGenError, match="precision 'fp8'"):
+        SDVGenPipeline.from_model_dir(tiny_model_dir, dtype="fp8")
+
+
+def test_2b_style_model_is_rejected(tiny_model_dir, tmp_path):
+    folder = tmp_path / "sincos"
+    shutil.copytree(tiny_model_dir, folder)
+    config_path = folder / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["use_rotary_positional_embeddings"] = False
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="CogVideoX-2B"):
+        SDVGenPipeline.from_model_dir(folder)
+
+
+def test_bf16_pipeline_runs(tiny_model_dir):
+    pipe = SDVGenPipeline.from_model_dir(tiny_model_dir, dtype="bf16")
+    out = run(pipe, num_inference_steps=2)
+    assert pipe.transformer.dtype == torch.bfloat16
+    assert out.frames.shape == (1, 5, 3, 48, 64) and torch.isfinite(out.frames).all()

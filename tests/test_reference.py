@@ -1,0 +1,110 @@
+"""Reference preprocessing (fit modes, masks, any image kind) and VAE encoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLCogVideoX
+from PIL import Image
+
+from sdvgen_core.errors import SDVGenError
+from sdvgen_core.reference import encode_reference, prepare_reference_image
+
+from conftest import draw_subject
+
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+def halves(width=200, height=100):
+    """Left half red, right half blue."""
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    image[:, : width // 2] = RED
+    image[:, width // 2 :] = BLUE
+    return image
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        draw_subject((123, 77)),
+        draw_subject((300, 500), mode="RGBA"),
+        draw_subject((64, 64)).convert("L"),
+        np.random.default_rng(0).random((50, 90, 3)).astype(np.float32),
+        torch.rand(3, 40, 70),
+        torch.rand(1, 1, 40, 70),
+    ],
+    ids=["rgb", "rgba", "gray", "float-array", "tensor-chw", "tensor-gray-batch1"],
+)
+@pytest.mark.parametrize("fit", ["crop", "pad", "stretch"])
+def test_any_image_is_fitted(image, fit):
+    out = prepare_reference_image(image, 96, 160, fit=fit)
+    assert out.shape == (1, 3, 96, 160)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_crop_keeps_aspect_and_centre():
+    out = prepare_reference_image(halves(400, 100), 96, 96, fit="crop")[0]
+    # a 4:1 image cropped to a square keeps the central quarter: left half red, right half blue
+    assert torch.allclose(out[:, 48, 10], torch.tensor([1.0, 0, 0]), atol=0.02)
+    assert torch.allclose(out[:, 48, 85], torch.tensor([0, 0, 1.0]), atol=0.02)
+
+
+def test_pad_fills_outside_with_background():
+    out = prepare_reference_image(halves(200, 100), 160, 160, fit="pad")[0]
+    # 2:1 image inside a square: 40 px bands above and below are the white background
+    assert torch.allclose(out[:, 5, 80], torch.ones(3))
+    assert torch.allclose(out[:, 155, 80], torch.ones(3))
+    assert torch.allclose(out[:, 80, 10], torch.tensor([1.0, 0, 0]), atol=0.02)
+
+
+def test_stretch_fills_everything():
+    out = prepare_reference_image(halves(200, 100), 160, 160, fit="stretch")[0]
+    assert torch.allclose(out[:, 5, 5], torch.tensor([1.0, 0, 0]), atol=0.02)
+    assert torch.allclose(out[:, 155, 155], torch.tensor([0, 0, 1.0]), atol=0.02)
+
+
+def test_mask_blanks_background():
+    image = draw_subject((160, 96), color=(200, 20, 20), background=(0, 200, 0))
+    mask = np.zeros((96, 160), dtype=np.uint8)
+    mask[24:72, 40:120] = 255  # ellipse bounding box
+    out = prepare_reference_image(image, 96, 160, fit="stretch", subject_mask=Image.fromarray(mask))[0]
+    assert torch.allclose(out[:, 2, 2], torch.ones(3))  # background -> white
+    assert torch.allclose(out[:, 48, 80], torch.tensor([200, 20, 20]) / 255, atol=0.02)  # subject kept
+
+
+def test_rgba_alpha_is_the_mask():
+    image = draw_subject((160, 96), mode="RGBA", color=(10, 10, 200))
+    out = prepare_reference_image(image, 96, 160, fit="stretch", background=0.5)[0]
+    assert torch.allclose(out[:, 2, 2], torch.full((3,), 0.5))
+    assert torch.allclose(out[:, 48, 80], torch.tensor([10, 10, 200]) / 255, atol=0.02)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"image": draw_subject(), "height": 100, "width": 160}, "multiples of 16"),
+        ({"image": draw_subject(), "height": 96, "width": 160, "fit": "zoom"}, "fit mode 'zoom'"),
+        ({"image": torch.rand(2, 3, 32, 32), "height": 96, "width": 160}, "batch has 2 images"),
+        ({"image": torch.rand(5, 32, 32), "height": 96, "width": 160}, "5 channels"),
+        ({"image": "photo.png", "height": 96, "width": 160}, "PIL image, numpy array or torch tensor"),
+        ({"image": np.zeros((4, 4, 3), np.uint8), "height": 96, "width": 160}, "at least 8x8"),
+        ({"image": draw_subject((64, 64)), "height": 96, "width": 160, "subject_mask": torch.ones(32, 32)},
+         "same size"),
+    ],
+)
+def test_bad_inputs(kwargs, message):
+    with pytest.raises(SDVGenError, match=message):
+        prepare_reference_image(**kwargs)
+
+
+def test_encode_reference_matches_direct_vae_sample(tiny_model_dir):
+    vae = AutoencoderKLCogVideoX.from_pretrained(tiny_model_dir, subfolder="vae").eval()
+    pixels = prepare_reference_image(draw_subject(), 96, 160)
+    latents = encode_reference(vae, pixels, generator=torch.Generator().manual_seed(3))
+    assert latents.shape == (1, 1, 16, 12, 20)
+    with torch.no_grad():
+        dist = vae.encode((pixels * 2 - 1)[:, :, None]).latent_dist
+        expected = dist.sample(generator=torch.Generator().manual_seed(3)) * 0.7
+    torch.testing.assert_close(latents, expected.permute(0, 2, 1, 3, 4))
+    assert not torch.allclose(latents, dist.mean.permute(0, 2, 1, 3, 4) * 0.7)  # sampled, not the mean
