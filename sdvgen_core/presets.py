@@ -45,7 +45,7 @@ class TinyModelConfig:
 
 
 # Generation settings the CLI uses for `--preset tiny` (seconds on 2 CPU cores).
-TINY_GENERATION_DEFAULTS = {"height": 96, "width": 160, "num_frames": 9, "num_inference_steps": 8}
+TINY_GENERATION_DEFAULTS = {"height": 160, "width": 256, "num_frames": 25, "num_inference_steps": 10}
 
 
 def _corpus() -> list[str]:
