@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh dev
-exec "${SDVGEN_VENV:-.venv}/bin/python" -m pytest "$@"
+exec "${SDVGEN_VENV:-.venv}/bin/python" -m pytest tests "$@"
