@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from sdvgen_core.lora import DEFAULT_ADAPTER, make_lora_config, save_lora
+from sdvgen_core.pipeline import resolve_dtype
 
 from .batches import (
     IDENTITY,
@@ -158,6 +159,7 @@ class Trainer:
                         VIDEO: BatchStream(self.cache.video, train.seed, 1)}
         self.state = TrainerState()
 
+        self.weight_dtype = resolve_dtype(config.model.dtype)
         transformer = load_transformer(config.model.path, config.model.dtype)
         lora = config.lora
         transformer.add_adapter(make_lora_config(lora.rank, lora.alpha, lora.dropout, lora.target_modules),
@@ -254,23 +256,27 @@ class Trainer:
         global_batch = self.config.train.identity_batch if task == IDENTITY else self.config.train.video_batch
         entries = self.streams[task].micro_batch(batch_index, global_batch, accum_index, accelerator.process_index,
                                                  accelerator.num_processes, self.micro_sizes[task])
-        batch = self.cache.load(task, entries, generator, rules)
-        dtype = self.unwrapped.dtype
-        to = lambda x: None if x is None else x.to(accelerator.device, dtype)  # noqa: E731
-        return Batch(batch.task, to(batch.latents), to(batch.text), to(batch.reference),
-                     None if batch.keep_indices is None else batch.keep_indices.to(accelerator.device))
+        return self._to_device(self.cache.load(task, entries, generator, rules))
+
+    def _to_device(self, batch: Batch) -> Batch:
+        device, dtype = self.accelerator.device, self.weight_dtype
+        reference = None if batch.reference is None else batch.reference.to(device, dtype)
+        keep = None if batch.keep_indices is None else batch.keep_indices.to(device)
+        return Batch(batch.task, batch.latents.to(device, dtype), batch.text.to(device, dtype), reference, keep)
 
     def train_step(self) -> tuple[str, float]:
         """One optimizer step of the drawn task; returns (task, mean loss over ranks and micro-batches)."""
         step = self.state.step
         task = self.tasks.task(step)
         accelerator = self.accelerator
-        rank = accelerator.process_index
-        torch.manual_seed(step_generator(self.config.train.seed, step, "sample", rank, 1 << 20).initial_seed())
         losses = []
         self.model.train()
         for accum_index in range(self.config.train.gradient_accumulation):
-            generator = step_generator(self.config.train.seed, step, "sample", rank, accum_index)
+            # Seeded by the micro-batch's slot in the global batch: N ranks x A accumulation steps draw exactly
+            # what 1 rank x N*A steps would, and a resumed run draws what an uninterrupted one did.
+            slot = accum_index * accelerator.num_processes + accelerator.process_index
+            generator = step_generator(self.config.train.seed, step, "sample", slot)
+            torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))  # LoRA dropout masks
             batch = self._batch(task, self.state.batches[task], accum_index, self.rules, generator)
             with accelerator.accumulate(self.model):
                 loss = v_prediction_loss(self.model, self.noise_scheduler, batch, generator)
@@ -309,13 +315,8 @@ class Trainer:
         rank = self.accelerator.process_index
         entries = BatchStream(held, self.config.train.seed, 2).micro_batch(0, size * self.accelerator.num_processes,
                                                                            0, rank, self.accelerator.num_processes, size)
-        generator = step_generator(self.config.train.seed, 0, "sample", rank, 1 << 21)  # fixed over training
-        batch = self.cache.load(task, entries, generator, rules)
-        dtype = self.unwrapped.dtype
-        batch = Batch(batch.task, batch.latents.to(self.accelerator.device, dtype),
-                      batch.text.to(self.accelerator.device, dtype),
-                      None if batch.reference is None else batch.reference.to(self.accelerator.device, dtype),
-                      None if batch.keep_indices is None else batch.keep_indices.to(self.accelerator.device))
+        generator = step_generator(self.config.train.seed, 0, "sample", 1 << 20, rank)  # fixed over training
+        batch = self._to_device(self.cache.load(task, entries, generator, rules))
         self.optimizer.zero_grad(set_to_none=True)
         self.model.eval()  # no LoRA dropout: the measurement depends only on the weights
         with self.accelerator.no_sync(self.model):
