@@ -105,9 +105,10 @@ def write_pairs(folder: Path, count: int) -> tuple[Path, list[dict]]:
     return folder / "pairs.jsonl", lines
 
 
-def make_demo_data(root: str | Path, subjects200k_rows: int = 8, pairs: int = 2, videos: int = 4) -> Path:
+def make_demo_data(root: str | Path, subjects200k_rows: int = 8, pairs: int = 2, videos: int = 4,
+                   build_model: bool = True) -> Path:
     root = Path(root)
-    if not (root / "model" / "model_index.json").is_file():
+    if build_model and not (root / "model" / "model_index.json").is_file():
         build_tiny_model(root / "model")
     write_subjects200k(root / "subjects200k" / "train-0.parquet", subjects200k_rows)
     jsonl, lines = write_pairs(root / "pairs", pairs)

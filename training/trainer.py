@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -159,6 +159,7 @@ class Trainer:
                         VIDEO: BatchStream(self.cache.video, train.seed, 1)}
         self.state = TrainerState()
 
+        set_seed(train.seed)  # the LoRA's initial weights depend only on the seed
         self.weight_dtype = resolve_dtype(config.model.dtype)
         transformer = load_transformer(config.model.path, config.model.dtype)
         lora = config.lora
@@ -364,7 +365,8 @@ class Trainer:
                 progress.set_postfix(task=task, loss=f"{loss:.4f}")
                 every = config.train.checkpoint_every
                 stopped = self._stop_agreed(stop.requested)
-                if (every and self.state.step % every == 0) or stopped:
+                last = self.state.step == config.train.max_steps
+                if (every and self.state.step % every == 0) or stopped or last:
                     checkpoint = self.save_checkpoint()
                 if stopped:
                     logger.warning("stopped at step %d; resume with train.resume=latest", self.state.step)
