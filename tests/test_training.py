@@ -298,3 +298,22 @@ def test_ablation_switches_shape_batches(demo, tiny_model_dir):
     identity = cache.load(IDENTITY, cache.identity[:3], generator, StepRules(0.0, 0.5, "random", "i2v"))
     assert identity.latents.shape == identity.reference.shape == (3, 1, 16, 8, 12)
     assert cache.load(IDENTITY, cache.identity[:1], generator, StepRules(1.0, 0.5, "random", "i2v")).reference is None
+
+
+def test_validation_videos_from_the_training_transformer(demo, tiny_model_dir, tmp_path):
+    import av
+
+    from training.demo import draw_view
+
+    reference = tmp_path / "ref.png"
+    draw_view((220, 60, 40), (250, 250, 250), (0.5, 0.5), 0.25, 128).save(reference)
+    trainer = Trainer(config_for(demo, tiny_model_dir, "validation", "train.max_steps=2", "monitor.every=0",
+                                 "validation.every=2", f"validation.references=[{reference}]",
+                                 "validation.prompts=[A <cls> mug on a table]", "validation.num_frames=5",
+                                 "validation.num_inference_steps=2"))
+    trainer.train()
+    video = Path(trainer.output_dir) / "validation" / "step-000002-ref0.mp4"
+    with av.open(str(video)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 5 and frames[0].shape == (64, 96, 3)
+    assert trainer.model.training  # sampling left the model in training mode

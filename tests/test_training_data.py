@@ -192,3 +192,17 @@ def test_batch_stream_partitions_global_batches():
     # the same partition from one rank with 4 accumulation steps
     single = [x for a in range(4) for x in stream.micro_batch(0, 8, a, 0, 1, 2)]
     assert single == flat
+
+
+@pytest.mark.parametrize("name", ["single_gpu", "multi_gpu", "multi_node", "deepspeed_zero2", "fsdp"])
+def test_shipped_accelerate_configs_parse(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(CONFIGS.parent / "accelerate" / f"{name}.yaml"))
+    expected = {"single_gpu": "NO", "multi_gpu": "MULTI_GPU", "multi_node": "MULTI_GPU",
+                "deepspeed_zero2": "DEEPSPEED", "fsdp": "FSDP"}[name]
+    assert config.distributed_type.value == expected
+    if name == "fsdp":
+        assert config.fsdp_config["fsdp_use_orig_params"] is True
+    if name == "multi_node":
+        assert config.num_machines == 2

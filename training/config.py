@@ -160,6 +160,8 @@ class Config:
             (self.train.gradient_accumulation > 0, "train.gradient_accumulation must be positive"),
             (self.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
             (self.monitor.pcgrad_buffer > 0, "monitor.pcgrad_buffer must be positive"),
+            (not self.validation.every or self.validation.references,
+             "validation.every > 0 needs validation.references (images) and one prompt each"),
             (len(self.validation.references) == len(self.validation.prompts),
              "validation.references and validation.prompts need one prompt per reference"),
         ]

@@ -7,6 +7,7 @@ per-rank size makes the task's global batch (256 images / 32 clips in the paper)
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -39,10 +40,11 @@ from .batches import (
     check_batch_sizes,
     step_generator,
 )
-from .config import Config, save_config
+from .config import Config, ConfigError, save_config
 from .models import load_scheduler, load_transformer
 from .monitor import FlatGradients, MonitorLog, PCGradBuffer, gradient_stats
 from .prepare import write_safetensors
+from .validation import Validator
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +167,12 @@ class Trainer:
         lora = config.lora
         transformer.add_adapter(make_lora_config(lora.rank, lora.alpha, lora.dropout, lora.target_modules),
                                 adapter_name=DEFAULT_ADAPTER)
+        self.distributed = self.accelerator.distributed_type
+        if self.distributed == DistributedType.FSDP and config.model.dtype != "fp32":
+            raise ConfigError(
+                "FSDP flattens frozen and LoRA weights together, which needs one dtype: set model.dtype=fp32 "
+                "(FSDP's bf16 mixed precision still computes in bf16; the fp32 weights are sharded across GPUs)"
+            )
         for param in transformer.parameters():
             if param.requires_grad:
                 param.data = param.data.float()  # trainable LoRA weights stay fp32 under bf16 autocast
@@ -180,16 +188,23 @@ class Trainer:
             optim.scheduler, optimizer, num_warmup_steps=optim.warmup_steps * processes,
             num_training_steps=train.max_steps * processes, num_cycles=optim.num_cycles,
         )
+        if self.distributed == DistributedType.DEEPSPEED:
+            # No dataloader to infer it from; the real per-task micro-batches vary, DeepSpeed only checks this.
+            ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            ds_config["train_micro_batch_size_per_gpu"] = 1
+            ds_config["gradient_clipping"] = optim.max_grad_norm
         self.accelerator.register_save_state_pre_hook(self._save_adapter_hook)
         self.accelerator.register_load_state_pre_hook(self._load_adapter_hook)
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(transformer, optimizer, lr_scheduler)
         self.flat = FlatGradients(self.unwrapped)
         self.pcgrad = PCGradBuffer(config.monitor.pcgrad_buffer) if config.monitor.pcgrad else None
-        if config.monitor.every or config.monitor.pcgrad:
-            if self.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU,
-                                                         DistributedType.MULTI_CPU):
-                raise ValueError("the gradient monitor and PCGrad need full local gradients: use single-process "
-                                 "or DDP launches, not DeepSpeed/FSDP")
+        local = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+        if (config.monitor.every or config.monitor.pcgrad) and self.distributed not in local:
+            raise ConfigError("the gradient monitor and PCGrad need each rank's full gradients: launch single-process "
+                              "or DDP (training/accelerate/multi_gpu.yaml), not DeepSpeed/FSDP")
+        if config.validation.every and self.distributed == DistributedType.FSDP:
+            raise ConfigError("validation videos need the whole transformer on one GPU: not available under FSDP")
+        self.validator = Validator(config) if config.validation.every else None
         self.monitor_log = MonitorLog(self.output_dir)
 
     @property
@@ -198,15 +213,28 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------------------
 
+    def _full_params(self):
+        """Under FSDP, gather the full weights on rank 0 (collective: every rank must enter)."""
+        if self.distributed == DistributedType.FSDP:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            return FullyShardedDataParallel.summon_full_params(
+                self.model, writeback=False, rank0_only=True, offload_to_cpu=True
+            )
+        return contextlib.nullcontext()
+
     def _save_adapter_hook(self, models, weights, output_dir):
-        if self.accelerator.is_main_process:
-            state = get_peft_model_state_dict(self.unwrapped, adapter_name=DEFAULT_ADAPTER)
-            write_safetensors({k: v.float() for k, v in state.items()}, Path(output_dir) / ADAPTER_FILE, {})
-        weights.clear()  # the frozen base model is never written into checkpoints
+        with self._full_params():
+            if self.accelerator.is_main_process:
+                state = get_peft_model_state_dict(self.unwrapped, adapter_name=DEFAULT_ADAPTER)
+                write_safetensors({k: v.float() for k, v in state.items()}, Path(output_dir) / ADAPTER_FILE, {})
+        weights.clear()  # single/DDP: the frozen base model is never written into checkpoints
 
     def _load_adapter_hook(self, models, input_dir):
-        models.clear()
-        load_adapter(self.unwrapped, Path(input_dir) / ADAPTER_FILE)
+        # DeepSpeed and FSDP restore the module from their own checkpoint files; `models` holds the rest.
+        if models:
+            models.clear()
+            load_adapter(self.unwrapped, Path(input_dir) / ADAPTER_FILE)
 
     def save_checkpoint(self) -> Path:
         """accelerate state (optimizer, scheduler, RNG) + adapter + trainer state + exported LoRA, atomically."""
@@ -215,11 +243,13 @@ class Trainer:
         if self.accelerator.is_main_process and staging.exists():
             shutil.rmtree(staging)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(staging))
+        # DeepSpeed would otherwise write the frozen 5B weights into every checkpoint
+        frozen = {"exclude_frozen_parameters": True} if self.distributed == DistributedType.DEEPSPEED else {}
+        self.accelerator.save_state(str(staging), **frozen)
+        self.export_lora(staging / LORA_FILE)
         if self.accelerator.is_main_process:
             if self.pcgrad is not None:
                 write_safetensors(self.pcgrad.state_tensors(), staging / PCGRAD_FILE, {})
-            self.export_lora(staging / LORA_FILE)
             self.state.save(staging / STATE_FILE)
             if final.exists():
                 shutil.rmtree(final)
@@ -240,15 +270,19 @@ class Trainer:
         if checkpoint is None:
             logger.info("no checkpoint in %s: starting fresh", self.output_dir)
             return
-        self.accelerator.load_state(str(checkpoint))
+        partial = {"load_module_strict": False} if self.distributed == DistributedType.DEEPSPEED else {}
+        self.accelerator.load_state(str(checkpoint), **partial)
         self.state = TrainerState.load(checkpoint / STATE_FILE)
         if self.pcgrad is not None and (checkpoint / PCGRAD_FILE).is_file():
             self.pcgrad.load_tensors(load_file(checkpoint / PCGRAD_FILE), self.accelerator.device)
         logger.info("resumed from %s at step %d", checkpoint, self.state.step)
 
-    def export_lora(self, path: Path) -> Path:
+    def export_lora(self, path: Path) -> None:
+        """Write the LoRA file (main process; every rank must call this, FSDP gathers collectively)."""
         metadata = lora_metadata(self.config, self.cache.meta["cls"], self.state.step)
-        return save_lora(self.unwrapped, path, adapter_name=DEFAULT_ADAPTER, extra_metadata=metadata)
+        with self._full_params():
+            if self.accelerator.is_main_process:
+                save_lora(self.unwrapped, path, adapter_name=DEFAULT_ADAPTER, extra_metadata=metadata)
 
     # --- steps ---------------------------------------------------------------------------------------------
 
@@ -368,6 +402,8 @@ class Trainer:
                 last = self.state.step == config.train.max_steps
                 if (every and self.state.step % every == 0) or stopped or last:
                     checkpoint = self.save_checkpoint()
+                if self.validator is not None and self.state.step % config.validation.every == 0:
+                    self._validate()
                 if stopped:
                     logger.warning("stopped at step %d; resume with train.resume=latest", self.state.step)
                     break
@@ -376,10 +412,14 @@ class Trainer:
         if stopped:
             return checkpoint / LORA_FILE
         final = self.output_dir / LORA_FILE
-        if accelerator.is_main_process:
-            self.export_lora(final)
-            logger.info("LoRA written to %s", final)
+        self.export_lora(final)
+        logger.info("LoRA written to %s", final)
         return final
+
+    def _validate(self) -> None:
+        if self.accelerator.is_main_process:
+            self.validator.run(self.unwrapped, self.state.step, self.output_dir, self.accelerator.device)
+        self.accelerator.wait_for_everyone()
 
     def _stop_agreed(self, requested: bool) -> bool:
         """All ranks stop at the same step if any of them got a signal (checkpointing is collective)."""
