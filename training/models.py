@@ -49,3 +49,10 @@ def load_transformer(model_dir: str, dtype: str) -> SDVGenTransformer3DModel:
 def load_scheduler(model_dir: str) -> CogVideoXDDIMScheduler:
     root = check_model_dir(model_dir)
     return _load("scheduler", root, lambda: CogVideoXDDIMScheduler.from_pretrained(root, subfolder="scheduler"))
+
+
+def flush_subnormals_on_cpu(device: torch.device) -> None:
+    """On CPUs, treat subnormal floats as zero. Small VAE activations, Adam's second moments and tiny LoRA
+    updates go subnormal, and x86 handles those in microcode: CPU runs were 3-10x slower without this."""
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)

@@ -43,7 +43,7 @@ from .data import (
     load_identity_views,
     video_records,
 )
-from .models import load_text_encoder, load_vae
+from .models import flush_subnormals_on_cpu, load_text_encoder, load_vae
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +151,7 @@ def run_prepare(config: Config) -> dict[str, int]:
     skips = SkipCounter()
     videos = list(video_records(config.data.video, skips))
     check_video_set_nonempty(config, len(videos), f"in {config.data.video.folders}")
+    flush_subnormals_on_cpu(accelerator.device)
     encoder = Encoder(config, accelerator.device)
 
     identity = [r for i, r in enumerate(identity_records(config.data.identity, skips))

@@ -41,7 +41,7 @@ from .batches import (
     step_generator,
 )
 from .config import Config, ConfigError, save_config
-from .models import load_scheduler, load_transformer
+from .models import flush_subnormals_on_cpu, load_scheduler, load_transformer
 from .monitor import FlatGradients, MonitorLog, PCGradBuffer, gradient_stats
 from .prepare import write_safetensors
 from .validation import Validator
@@ -150,6 +150,7 @@ class Trainer:
             log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
+        flush_subnormals_on_cpu(self.accelerator.device)
         if train.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
