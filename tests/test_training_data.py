@@ -27,6 +27,7 @@ from training.config import ConfigError, load_config
 from training.data import (
     SUBJECTS200K_BOXES,
     ClipTooShort,
+    Shard,
     SkipCounter,
     _open_composite,
     decode_clip,
@@ -81,8 +82,8 @@ def test_overrides_and_errors(tmp_path):
 def test_subjects200k_layout(tmp_path):
     parquet = write_subjects200k(tmp_path / "s.parquet", rows=4, low_quality_every=4)
     skips = SkipCounter()
-    records = list(subjects200k_records(load_config(overrides=[f"data.identity.subjects200k=[{parquet}]"]).data.identity,
-                                        skips))
+    identity_config = load_config(overrides=[f"data.identity.subjects200k=[{parquet}]"]).data.identity
+    records = list(subjects200k_records(identity_config, skips))
     assert len(records) == 3 and skips["below quality threshold"] == 1
     record = records[0]
     assert record.captions[0].startswith("A <cls> mug") and record.captions[1].startswith("A <cls> mug")
@@ -96,6 +97,13 @@ def test_subjects200k_layout(tmp_path):
     canvas.save(buffer, format="PNG")
     left, right = _open_composite(buffer.getvalue())
     assert left.getextrema() == ((255, 255), (0, 0), (0, 0)) and right.getextrema() == ((0, 0), (0, 0), (255, 255))
+    # Two ranks split the file by row group (2 rows each): disjoint, together everything, skips counted once.
+    shard_skips = [SkipCounter(), SkipCounter()]
+    shards = [[r.key for r in subjects200k_records(identity_config, shard_skips[rank], Shard(rank, 2))]
+              for rank in (0, 1)]
+    assert len(shards[0]) == 2 and len(shards[1]) == 1 and not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == sorted(r.key for r in records)
+    assert shard_skips[0]["below quality threshold"] + shard_skips[1]["below quality threshold"] == 1
     # The fourth row fails only on compositeStructure: a lower threshold or a key list without it keeps it.
     for override in ("data.identity.min_quality=3", "data.identity.quality_keys=[objectConsistency,imageQuality]"):
         lenient = load_config(overrides=[f"data.identity.subjects200k=[{parquet}]", override])

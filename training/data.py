@@ -7,6 +7,7 @@ unreadable is counted in a `SkipCounter` under a reason and logged, never fatal.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -42,6 +43,22 @@ class SkipCounter(Counter):
     def skip(self, reason: str, what: str, detail: object = "") -> None:
         self[reason] += 1
         logger.warning("skipped %s (%s)%s", what, reason, f": {detail}" if detail else "")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of the data: work unit i belongs to rank i mod count."""
+
+    rank: int = 0
+    count: int = 1
+
+    def owns(self, index: int) -> bool:
+        return index % self.count == self.rank
+
+
+def path_tag(path: Path) -> str:
+    """Short stable tag of a file's absolute path, so same-named files in different folders get distinct keys."""
+    return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
 
 
 @dataclass
@@ -109,21 +126,38 @@ def _image_bytes(cell) -> bytes | None:
     return cell if isinstance(cell, (bytes, bytearray)) else None
 
 
-def subjects200k_records(config: IdentityDataConfig, skips: SkipCounter) -> Iterator[IdentityRecord]:
-    """Rows of Subjects200K-layout parquet files passing the quality filter; each pair usable both ways."""
+def subjects200k_records(config: IdentityDataConfig, skips: SkipCounter, shard: Shard = Shard()
+                         ) -> Iterator[IdentityRecord]:
+    """Rows of Subjects200K-layout parquet files passing the quality filter; each pair usable both ways.
+
+    Work is split by row group, so each rank reads only its own part of the (large) files.
+    """
     import pyarrow.parquet as pq
 
     columns = ["image", "description", "quality_assessment"]
-    for file in _expand(config.subjects200k, (".parquet",)):
+    unit = 0
+    for file_index, file in enumerate(_expand(config.subjects200k, (".parquet",))):
         try:
-            batches = pq.ParquetFile(file).iter_batches(batch_size=64, columns=columns)
-            rows = (row for batch in batches for row in batch.to_pylist())
-            for row_index, row in enumerate(rows):
-                record = _subjects200k_record(row, f"s200k-{file.stem}-{row_index:07d}", config, skips)
-                if record is not None:
-                    yield record
+            parquet = pq.ParquetFile(file)
+            groups = parquet.num_row_groups
         except Exception as error:  # pyarrow raises many types for broken or foreign files
-            skips.skip("unreadable parquet", str(file), error)
+            if shard.owns(file_index):
+                skips.skip("unreadable parquet", str(file), error)
+            continue
+        for group in range(groups):
+            unit += 1
+            if not shard.owns(unit - 1):
+                continue
+            prefix = f"s200k-{file.stem}-{path_tag(file)}-g{group:05d}"
+            try:
+                batches = parquet.iter_batches(batch_size=64, columns=columns, row_groups=[group])
+                rows = (row for batch in batches for row in batch.to_pylist())
+                for row_index, row in enumerate(rows):
+                    record = _subjects200k_record(row, f"{prefix}-{row_index:06d}", config, skips)
+                    if record is not None:
+                        yield record
+            except Exception as error:
+                skips.skip("unreadable parquet row group", f"{file} group {group}", error)
 
 
 def _subjects200k_record(row: dict, key: str, config: IdentityDataConfig, skips: SkipCounter) -> IdentityRecord | None:
@@ -149,11 +183,16 @@ def _open_image(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def jsonl_pair_records(config: IdentityDataConfig, skips: SkipCounter) -> Iterator[IdentityRecord]:
+def jsonl_pair_records(config: IdentityDataConfig, skips: SkipCounter, shard: Shard = Shard()
+                       ) -> Iterator[IdentityRecord]:
     """Lines `{"reference", "target", "caption", "subject"?}`; image paths relative to the JSONL file."""
+    unit = 0
     for file in _expand(config.pairs_jsonl, (".jsonl",)):
         for line_number, line in enumerate(file.read_text().splitlines(), start=1):
             if not line.strip():
+                continue
+            unit += 1
+            if not shard.owns(unit - 1):
                 continue
             what = f"{file.name} line {line_number}"
             try:
@@ -164,15 +203,16 @@ def jsonl_pair_records(config: IdentityDataConfig, skips: SkipCounter) -> Iterat
                 skips.skip("bad JSONL line", what, f"needs reference, target, caption: {error}")
                 continue
             yield IdentityRecord(
-                key=f"pair-{file.stem}-{line_number:07d}",
+                key=f"pair-{file.stem}-{path_tag(file)}-{line_number:07d}",
                 load_views=lambda r=reference, t=target: (_open_image(r), _open_image(t)),
                 captions=(None, caption_with_cls(caption, entry.get("subject"), skips, what)),
             )
 
 
-def identity_records(config: IdentityDataConfig, skips: SkipCounter) -> Iterator[IdentityRecord]:
-    yield from subjects200k_records(config, skips)
-    yield from jsonl_pair_records(config, skips)
+def identity_records(config: IdentityDataConfig, skips: SkipCounter, shard: Shard = Shard()
+                     ) -> Iterator[IdentityRecord]:
+    yield from subjects200k_records(config, skips, shard)
+    yield from jsonl_pair_records(config, skips, shard)
 
 
 def _caption_table(path: Path) -> dict[str, str]:
@@ -190,22 +230,27 @@ def _caption_table(path: Path) -> dict[str, str]:
         raise DataError(f"{str(path)!r}: every entry needs `file` and `caption` (missing {error})") from None
 
 
-def video_records(config: VideoDataConfig, skips: SkipCounter) -> Iterator[VideoRecord]:
-    """Clips in `config.folders` with a caption from the caption file or a sidecar `.txt`."""
+def video_files(config: VideoDataConfig) -> list[tuple[Path, Path]]:
+    """(folder, clip) for every clip file under `config.folders`, in a fixed order."""
+    return [(Path(folder), path) for folder in config.folders for path in _expand([folder], VIDEO_SUFFIXES)]
+
+
+def video_records(config: VideoDataConfig, skips: SkipCounter, shard: Shard = Shard()) -> Iterator[VideoRecord]:
+    """This shard's clips with a caption from the caption file or a sidecar `.txt`."""
     table = _caption_table(Path(config.captions)) if config.captions else {}
-    for folder in config.folders:
-        root = Path(folder)
-        for path in _expand([folder], VIDEO_SUFFIXES):
-            relative = path.relative_to(root).as_posix() if root.is_dir() else path.name
-            caption = table.get(relative) or table.get(path.name)
-            sidecar = path.with_suffix(".txt")
-            if caption is None and sidecar.is_file():
-                caption = sidecar.read_text().strip()
-            if not caption:
-                skips.skip("no caption", str(path))
-                continue
-            key = "video-" + relative.replace("/", "__").rsplit(".", 1)[0]
-            yield VideoRecord(key=key, path=path, caption=insert_cls(caption, None))
+    for index, (root, path) in enumerate(video_files(config)):
+        if not shard.owns(index):
+            continue
+        relative = path.relative_to(root).as_posix() if root.is_dir() else path.name
+        caption = table.get(relative) or table.get(path.name)
+        sidecar = path.with_suffix(".txt")
+        if caption is None and sidecar.is_file():
+            caption = sidecar.read_text().strip()
+        if not caption:
+            skips.skip("no caption", str(path))
+            continue
+        key = f"video-{path.stem}-{path_tag(path)}"
+        yield VideoRecord(key=key, path=path, caption=insert_cls(caption, None))
 
 
 class ClipTooShort(ValueError):

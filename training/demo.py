@@ -45,7 +45,7 @@ def composite(view0: Image.Image, view1: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def write_subjects200k(path: Path, rows: int, low_quality_every: int = 4) -> Path:
+def write_subjects200k(path: Path, rows: int, low_quality_every: int = 4, row_group_size: int = 2) -> Path:
     """A parquet file in the Subjects200K layout; every `low_quality_every`-th row fails a 5.0 threshold."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -66,7 +66,7 @@ def write_subjects200k(path: Path, rows: int, low_quality_every: int = 4) -> Pat
             "quality_assessment": {"compositeStructure": score, "objectConsistency": 5, "imageQuality": 5},
         })
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(records), path)
+    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=row_group_size)
     return path
 
 

@@ -16,6 +16,7 @@ interrupted run resumes where it stopped. Files are written to a temporary name 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -37,10 +38,12 @@ from .config import Config
 from .data import (
     ClipTooShort,
     DataError,
+    Shard,
     SkipCounter,
     decode_clip,
     identity_records,
     load_identity_views,
+    video_files,
     video_records,
 )
 from .models import flush_subnormals_on_cpu, load_text_encoder, load_vae
@@ -148,18 +151,19 @@ def run_prepare(config: Config) -> dict[str, int]:
     cache = Path(config.data.cache_dir)
     for sub in ("identity", "video"):
         (cache / sub).mkdir(parents=True, exist_ok=True)
-    skips = SkipCounter()
-    videos = list(video_records(config.data.video, skips))
-    check_video_set_nonempty(config, len(videos), f"in {config.data.video.folders}")
+    check_video_set_nonempty(config, len(video_files(config.data.video)), f"in {config.data.video.folders}")
     flush_subnormals_on_cpu(accelerator.device)
     encoder = Encoder(config, accelerator.device)
 
-    identity = [r for i, r in enumerate(identity_records(config.data.identity, skips))
-                if i % accelerator.num_processes == accelerator.process_index]
-    mine_videos = videos[accelerator.process_index::accelerator.num_processes]
-    jobs = [("identity", r, encode_identity) for r in identity] + [("video", r, encode_video) for r in mine_videos]
+    skips = SkipCounter()
+    shard = Shard(accelerator.process_index, accelerator.num_processes)
+    # Streamed, never listed: a Subjects200K record holds its composite image in memory.
+    jobs = itertools.chain(
+        (("identity", r, encode_identity) for r in identity_records(config.data.identity, skips, shard)),
+        (("video", r, encode_video) for r in video_records(config.data.video, skips, shard)),
+    )
     done = 0
-    for kind, record, encode in tqdm(jobs, desc="prepare", disable=not accelerator.is_local_main_process):
+    for kind, record, encode in tqdm(jobs, desc="prepare", unit="item", disable=not accelerator.is_local_main_process):
         path = cache / kind / f"{record.key}.safetensors"
         if path.exists():
             done += 1
