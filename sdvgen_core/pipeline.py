@@ -327,14 +327,23 @@ class SDVGenPipeline(CogVideoXPipeline):
         tile_sample_min_height: int | None = None,
         tile_sample_min_width: int | None = None,
         tile_overlap_factor: float | None = None,
+        sliced: bool = False,
     ) -> torch.Tensor:
-        """Latents `[B, T, C, h, w]` -> frames `[B, 4(T-1)+1, 3, 8h, 8w]` in 0..1; `tiled` decodes in overlapping tiles."""
+        """Latents `[B, T, C, h, w]` -> frames `[B, 4(T-1)+1, 3, 8h, 8w]` in 0..1.
+
+        `tiled` decodes in overlapping spatial tiles, `sliced` one video of the batch at a time; both trade
+        speed for memory.
+        """
         if tiled:
             self.vae.enable_tiling(
                 tile_sample_min_height, tile_sample_min_width, tile_overlap_factor, tile_overlap_factor
             )
         else:
             self.vae.disable_tiling()
+        if sliced:
+            self.vae.enable_slicing()
+        else:
+            self.vae.disable_slicing()
         latents = latents.to(device=self._execution_device, dtype=self.vae.dtype)
         frames = self.decode_latents(latents)  # [B, 3, F, H, W] in -1..1
         # The VAE keeps the first latent frame as one frame only when the latent count is odd (13 for
