@@ -100,7 +100,10 @@ def check_model_dir(model_dir: str | os.PathLike) -> Path:
 
 
 class SDVGenPipeline(CogVideoXPipeline):
-    """CogVideoX-5B text-to-video with a subject reference image (zero-shot SDV-Gen)."""
+    """CogVideoX-5B text-to-video with a subject reference image (zero-shot SDV-Gen).
+
+    Construction registers `<cls>` with the tokenizer (and, only if its table is full, the text encoder).
+    """
 
     transformer: SDVGenTransformer3DModel
 
@@ -150,8 +153,6 @@ class SDVGenPipeline(CogVideoXPipeline):
 
     def load_lora(self, path: str | os.PathLike, strength: float = 1.0, fuse: bool = False) -> LoraFileInfo:
         """Load (or replace) the SDV-Gen LoRA; `fuse` merges it into the weights for speed."""
-        if any(getattr(m, "merged", False) for m in self.transformer.modules()):
-            self.transformer.unfuse_lora()
         self.lora_info = load_lora(self.transformer, path, strength=strength, adapter_name=DEFAULT_ADAPTER)
         if fuse:
             self.transformer.fuse_lora(adapter_names=[DEFAULT_ADAPTER])

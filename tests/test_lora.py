@@ -146,6 +146,20 @@ def test_fused_equals_unfused(release_lora, tiny_model_dir):
 
 
 @torch.no_grad()
+def test_reloading_over_a_fused_lora_leaves_no_residue(release_lora, tiny_model_dir, tmp_path):
+    video, reference, text, t = batch()
+    model = fresh(tiny_model_dir)
+    load_lora(model, release_lora)
+    model.fuse_lora(adapter_names=["sdvgen"])
+    other = make_release_lora(tiny_model_dir, tmp_path / "other.safetensors", seed=7)
+    load_lora(model, other)
+    expected = fresh(tiny_model_dir)
+    load_lora(expected, other)
+    torch.testing.assert_close(model(video, text, t, reference_latents=reference).sample,
+                               expected(video, text, t, reference_latents=reference).sample, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
 def test_writer_round_trip_and_header(release_lora, tiny_model_dir, tmp_path):
     video, reference, text, t = batch()
     source = fresh(tiny_model_dir)
