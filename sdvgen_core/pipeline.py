@@ -199,7 +199,7 @@ class SDVGenPipeline(CogVideoXPipeline):
     ) -> torch.Tensor:
         """Subject image -> reference latents `[1, 1, C, height/8, width/8]`."""
         pixels = prepare_reference_image(image, height, width, fit=fit, subject_mask=subject_mask)
-        return encode_reference(self.vae, pixels, generator=generator)
+        return encode_reference(self.vae, pixels, generator=generator, device=self._execution_device)
 
     def check_generation_args(self, height: int, width: int, num_frames: int, num_inference_steps: int) -> None:
         multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size
