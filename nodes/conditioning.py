@@ -157,7 +157,9 @@ class SubjectReferenceEncode:
         pipeline = model.pipeline()
         try:
             generator = torch.Generator().manual_seed(REFERENCE_SEED)
-            latents = sdvgen_core.encode_reference(pipeline.vae, fitted, generator=generator)
+            latents = sdvgen_core.encode_reference(
+                pipeline.vae, fitted, generator=generator, device=pipeline._execution_device
+            )
         finally:
             pipeline.maybe_free_model_hooks()
         reference = SDVGenReference(latents.cpu(), width, height, model.base.model_dir)

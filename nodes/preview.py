@@ -15,8 +15,11 @@ PATCH_SIZE = 32  # pixels per colour patch: a few latent pixels wide, past the e
 LEVELS = (0.0, 0.5, 1.0)  # 27 colours, more than the 17 unknowns per output channel
 
 
-def fit_latent_to_rgb(vae):
-    """Least-squares `[C + 1, 3]` map (last row: bias) from `vae` latents (times scaling factor) to RGB in -1..1."""
+def fit_latent_to_rgb(vae, device=None):
+    """Least-squares `[C + 1, 3]` map (last row: bias) from `vae` latents (times scaling factor) to RGB in -1..1.
+
+    `device`: where the VAE runs (the pipeline's execution device; offloaded weights are not there yet).
+    """
     import torch
 
     colours = torch.tensor(list(itertools.product(LEVELS, repeat=3)))  # [N, 3] in 0..1
@@ -24,7 +27,7 @@ def fit_latent_to_rgb(vae):
     param = next(vae.parameters())
     video = rgb[:, :, None, None, None].expand(-1, -1, 1, PATCH_SIZE, PATCH_SIZE)
     with torch.no_grad():
-        latent = vae.encode(video.to(device=param.device, dtype=param.dtype)).latent_dist.mean
+        latent = vae.encode(video.to(device=device or param.device, dtype=param.dtype)).latent_dist.mean
     latent = latent.float().cpu().mean(dim=(2, 3, 4)) * vae.config.scaling_factor  # [N, C]
     design = torch.cat([latent, torch.ones(len(latent), 1)], dim=1)
     return torch.linalg.lstsq(design, rgb).solution

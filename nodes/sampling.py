@@ -42,7 +42,8 @@ class StepReporter:
         preview = None
         if self.preview_size:
             if PIPELINE_CACHE.preview_factors is None:
-                PIPELINE_CACHE.preview_factors = fit_latent_to_rgb(PIPELINE_CACHE.pipeline.vae)
+                pipeline = PIPELINE_CACHE.pipeline
+                PIPELINE_CACHE.preview_factors = fit_latent_to_rgb(pipeline.vae, pipeline._execution_device)
             image = latent_preview(step.denoised, PIPELINE_CACHE.preview_factors, self.preview_size)
             preview = ("JPEG", image, self.preview_size)
         self.bar.update_absolute(step.step + 1, step.total_steps, preview)
