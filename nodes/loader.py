@@ -56,19 +56,21 @@ class PipelineCache:
         """Make the loaded pipeline carry `lora` and be placed by `memory_mode`; unchanged settings cost nothing."""
         pipeline, transformer = self.pipeline, self.pipeline.transformer
         lora_module = core_module("lora")
+        adapter = lora_module.DEFAULT_ADAPTER
         if lora != self.lora:
+            previous, self.lora = self.lora, None  # unknown until applied: after a failure, re-apply in full
             if lora_module.is_fused(transformer):
                 transformer.unfuse_lora()
             if lora.path is None:
-                if pipeline.lora_info is not None:
-                    transformer.delete_adapters(lora_module.DEFAULT_ADAPTER)
-                    pipeline.lora_info = None
-            elif self.lora is None or self.lora.path != lora.path:
-                pipeline.load_lora(lora.path, lora.strength, fuse=lora.fuse)
-            else:
+                if adapter in getattr(transformer, "peft_config", {}):
+                    transformer.delete_adapters(adapter)
+                pipeline.lora_info = None
+            elif previous is not None and previous.path == lora.path:
                 lora_module.set_lora_strength(transformer, lora.strength)
                 if lora.fuse:
-                    transformer.fuse_lora(adapter_names=[lora_module.DEFAULT_ADAPTER])
+                    transformer.fuse_lora(adapter_names=[adapter])
+            else:
+                pipeline.load_lora(lora.path, lora.strength, fuse=lora.fuse)
             self.lora = lora
         if memory_mode != self.memory_mode:
             pipeline.set_memory_mode(memory_mode, self.base.device)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from conftest import draw_subject
 from tiny_lora import write_tiny_lora
@@ -185,6 +186,19 @@ def test_graph_equals_the_pipeline_called_by_hand(models):
     # fused with strength 0.3 again matches: fuse is a speed setting, not a different model
     fused = run_graph(load(strength=0.3, fuse=True))
     torch.testing.assert_close(fused.latents, weak_latent.latents, rtol=1e-3, atol=1e-4)
+
+
+def test_a_bad_lora_fails_on_the_loader_and_leaves_no_half_state(models):
+    good = run_graph(load()).latents
+    broken = models / "loras" / "broken.safetensors"
+    save_file({"not_a_lora": torch.zeros(2)}, str(broken))
+    try:
+        with pytest.raises(LoraLoadError, match="broken.safetensors"):
+            load(lora="broken.safetensors")
+    finally:
+        broken.unlink()
+    assert run_graph(load()).latents.equal(good)
+    assert not torch.allclose(run_graph(load(lora="none")).latents, good, atol=1e-3)  # the LoRA is really off
 
 
 def test_cls_prompt_shows_and_encodes_the_final_prompt(models):
