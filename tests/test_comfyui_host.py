@@ -13,12 +13,16 @@ live in a temporary folder.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -51,8 +55,16 @@ def free_port() -> int:
 
 
 class ComfyUI:
-    def __init__(self, url: str, process: subprocess.Popen, log: Path, output: Path) -> None:
-        self.url, self.process, self.log, self.output = url, process, log, output
+    def __init__(self, port: int, process: subprocess.Popen, log: Path, output: Path) -> None:
+        self.url, self.process, self.log, self.output = f"http://127.0.0.1:{port}", process, log, output
+        self.port, self.client_id = port, uuid.uuid4().hex
+        self.events: EventListener | None = None
+
+    def listen(self) -> EventListener:
+        """Start collecting the progress and preview messages of the prompts queued from now on."""
+        self.events = EventListener(self.port, self.client_id)
+        self.events.start()
+        return self.events
 
     def get(self, path: str):
         with urllib.request.urlopen(self.url + path, timeout=30) as response:
@@ -73,7 +85,7 @@ class ComfyUI:
         return self.log.read_text(errors="replace")[-6000:]
 
     def queue(self, prompt: dict) -> str:
-        return self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})["prompt_id"]
+        return self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})["prompt_id"]
 
     def wait(self, prompt_id: str) -> dict:
         deadline = time.monotonic() + RUN_TIMEOUT
@@ -85,6 +97,55 @@ class ComfyUI:
                     return history[prompt_id]
             time.sleep(0.5)
         raise AssertionError(f"prompt {prompt_id} did not finish in {RUN_TIMEOUT} s:\n{self.log_tail()}")
+
+
+class EventListener(threading.Thread):
+    """Minimal websocket client (stdlib only) collecting what ComfyUI sends to one client id.
+
+    Keeps `progress` messages and the JPEG previews (binary event 1, image type 1) the sampler's progress
+    bar sends; the server sends unmasked frames and, with this client declaring no features, old-style previews.
+    """
+
+    def __init__(self, port: int, client_id: str) -> None:
+        super().__init__(daemon=True)
+        self.connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.connection.sendall(
+            f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        self.stream = self.connection.makefile("rb")
+        status = self.stream.readline()
+        assert b" 101 " in status, status
+        while self.stream.readline() not in (b"\r\n", b""):
+            pass
+        self.connection.settimeout(None)
+        self.progress: list[dict] = []
+        self.previews: list[Image.Image] = []
+
+    def frame(self) -> tuple[int, bytes]:
+        first, second = self.stream.read(2)
+        length = second & 0x7F
+        if length == 126:
+            length = struct.unpack(">H", self.stream.read(2))[0]
+        elif length == 127:
+            length = struct.unpack(">Q", self.stream.read(8))[0]
+        return first & 0x0F, self.stream.read(length)
+
+    def run(self) -> None:
+        try:
+            while True:
+                opcode, payload = self.frame()
+                if opcode == 1:
+                    message = json.loads(payload)
+                    if message["type"] == "progress":
+                        self.progress.append(message["data"])
+                elif opcode == 2 and struct.unpack(">II", payload[:8]) == (1, 1):
+                    self.previews.append(Image.open(io.BytesIO(payload[8:])))
+                elif opcode == 8:
+                    return
+        except (OSError, ValueError):
+            return
 
 
 def place(path: Path, created: list[Path]) -> Path:
@@ -123,7 +184,7 @@ def comfyui(tmp_path_factory):
              "--temp-directory", str(work / "temp")],
             cwd=root, stdout=log.open("w"), stderr=subprocess.STDOUT,
         )
-        server = ComfyUI(f"http://127.0.0.1:{port}", process, log, work / "output")
+        server = ComfyUI(port, process, log, work / "output")
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             assert process.poll() is None, f"ComfyUI exited at start:\n{server.log_tail()}"
@@ -133,6 +194,7 @@ def comfyui(tmp_path_factory):
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 assert time.monotonic() < deadline, f"ComfyUI did not start:\n{server.log_tail()}"
                 time.sleep(1)
+        server.listen()
         yield server
     finally:
         if process is not None:
@@ -208,6 +270,7 @@ def saved_files(comfyui, entry: dict, node_type: str) -> list[Path]:
 )
 def test_workflow_runs_in_comfyui(comfyui, object_info, name, saver, width):
     prompt = shrink(to_api(json.loads((WORKFLOWS / f"{name}.json").read_text()), object_info))
+    seen_progress, seen_previews = len(comfyui.events.progress), len(comfyui.events.previews)
     prompt_id = comfyui.queue(prompt)
     entry = comfyui.wait(prompt_id)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1) + comfyui.log_tail()
@@ -223,6 +286,16 @@ def test_workflow_runs_in_comfyui(comfyui, object_info, name, saver, width):
     if name == "sdvgen_subject_to_video":
         (text,) = [o["text"] for i, o in entry["outputs"].items() if entry["prompt_class_types"][i] == "PreviewAny"]
         assert "<cls> robot" in text[0]
+
+    # the sampler's progress bar went step by step to the end, with a latent preview per step
+    samplers = {i for i, node in prompt.items() if node["class_type"] == "SDVGenDualTaskSampler"}
+    time.sleep(1)  # messages are sent asynchronously
+    steps = [(p["node"], p["value"], p["max"]) for p in comfyui.events.progress[seen_progress:] if p["node"] in samplers]
+    assert steps == [(node, value, STEPS) for node in sorted(samplers, key=lambda i: steps.index((i, 1, STEPS)))
+                     for value in range(1, STEPS + 1)], steps
+    previews = comfyui.events.previews[seen_previews:]
+    assert len(previews) == STEPS * len(samplers)
+    assert all(preview.format == "JPEG" and preview.size[0] * HEIGHT == preview.size[1] * WIDTH for preview in previews)
 
 
 def test_cancel_stops_the_sampler(comfyui, object_info):
