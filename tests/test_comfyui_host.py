@@ -149,8 +149,14 @@ class EventListener(threading.Thread):
 
 
 def place(path: Path, created: list[Path]) -> Path:
+    """Reserve `path` (and any folders made for it) for removal afterwards; skip rather than overwrite."""
     if path.exists() or path.is_symlink():
         pytest.skip(f"{path} already exists; the real-host test never overwrites it (move it away to run the test)")
+    missing = path.parent
+    while not missing.parent.exists():
+        missing = missing.parent
+    if not missing.exists():
+        created.append(missing)
     path.parent.mkdir(parents=True, exist_ok=True)
     created.append(path)
     return path
