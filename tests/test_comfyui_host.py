@@ -7,8 +7,8 @@ The test links this repository into `custom_nodes/`, writes the tiny random mode
 `models/` under the names the workflows use (it refuses to run rather than overwrite files that are
 already there), starts ComfyUI on 127.0.0.1 with --cpu and only this extension, turns every workflow
 into the API format with the host's /object_info, shrinks size, frames and steps for the CPU, queues it
-and checks the saved video. Everything it placed is removed afterwards; inputs, outputs and temp files
-live in a temporary folder.
+and checks the saved video and the progress/preview messages. Everything it placed is removed afterwards;
+inputs, outputs, temp and user files live in a temporary folder.
 """
 
 from __future__ import annotations
@@ -179,6 +179,7 @@ def comfyui(tmp_path_factory):
         for seed, name in enumerate(LORA_NAMES, start=1):
             write_tiny_lora(model_dir, place(root / "models" / "loras" / name, created), seed=seed)
         (work / "input").mkdir()
+        (work / "user").mkdir()
         draw_subject(size=(120, 90), mode="RGBA").save(work / "input" / "subject.png")
 
         port = free_port()
@@ -187,7 +188,7 @@ def comfyui(tmp_path_factory):
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--preview-method", "auto",
              "--disable-all-custom-nodes", "--whitelist-custom-nodes", extension, "--disable-auto-launch",
              "--input-directory", str(work / "input"), "--output-directory", str(work / "output"),
-             "--temp-directory", str(work / "temp")],
+             "--temp-directory", str(work / "temp"), "--user-directory", str(work / "user")],
             cwd=root, stdout=log.open("w"), stderr=subprocess.STDOUT,
         )
         server = ComfyUI(port, process, log, work / "output")
