@@ -307,22 +307,24 @@ def test_workflow_runs_in_comfyui(comfyui, object_info, name, saver, width):
 
 def test_cancel_stops_the_sampler(comfyui, object_info):
     prompt = shrink(to_api(json.loads((WORKFLOWS / "sdvgen_released_checkpoint.json").read_text()), object_info))
-    for entry in prompt.values():
-        if entry["class_type"] == "SDVGenDualTaskSampler":
-            entry["inputs"].update(steps=500, seed=7)  # long enough to be mid-sampling when cancelled
+    (sampler,) = [i for i, node in prompt.items() if node["class_type"] == "SDVGenDualTaskSampler"]
+    prompt[sampler]["inputs"].update(steps=500, seed=7)  # long enough to be mid-sampling when cancelled
+    seen = len(comfyui.events.progress)
     prompt_id = comfyui.queue(prompt)
     deadline = time.monotonic() + RUN_TIMEOUT
-    while not comfyui.get("/queue")["queue_running"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    time.sleep(5)  # loader, prompt and reference are cached from the earlier run: this is inside the sampler
+
+    def sampler_steps():
+        return [p["value"] for p in comfyui.events.progress[seen:] if p["node"] == sampler]
+
+    while len(sampler_steps()) < 2:
+        assert time.monotonic() < deadline, comfyui.log_tail()
+        time.sleep(0.05)
     comfyui.post("/interrupt", {})
     entry = comfyui.wait(prompt_id)
     messages = dict(entry["status"]["messages"])
     assert "execution_interrupted" in messages, entry["status"]
     assert messages["execution_interrupted"]["node_type"] == "SDVGenDualTaskSampler"
+    assert max(sampler_steps()) < 100  # stopped right away, not after the 500 steps
     # the host samples again afterwards (a new seed, so the sampler really runs)
-    for entry in prompt.values():
-        if entry["class_type"] == "SDVGenDualTaskSampler":
-            entry["inputs"].update(steps=STEPS, seed=8)
+    prompt[sampler]["inputs"].update(steps=STEPS, seed=8)
     assert comfyui.wait(comfyui.queue(prompt))["status"]["status_str"] == "success"
