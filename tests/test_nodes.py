@@ -250,7 +250,7 @@ def test_decode_returns_comfy_frames(models):
     assert tiled.shape == frames.shape
 
 
-def test_inputs_from_another_model_are_refused(models, tiny_model_dir):
+def test_inputs_from_another_model_are_refused(models):
     model = load()
     latent = run_graph(model)
     other = type(model)(base=type(model.base)(Path("/elsewhere"), "fp32", "cpu"), lora=model.lora, memory_mode="on_device")
