@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import json
@@ -15,6 +16,18 @@ from typing import Callable
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, frames: int) -> None:
+    """Model size, placement and video size options shared by the benchmarks."""
+    parser.add_argument("--model", choices=["tiny", "mid", "5b"], default="mid",
+                        help="random-weight model size: tiny, mid (CPU: matmuls dominate), 5b (real size, GPU)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--height", type=int, default=160)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--frames", type=int, default=frames, help="video frames (4k+1)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the CSV/JSON results")
 
 
 def synchronize(device: torch.device) -> None:

@@ -22,10 +22,11 @@ from peft import get_peft_model_state_dict
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, machine_info, peak_memory_gib, report, synchronize  # noqa: E402
+from common import add_common_arguments, machine_info, peak_memory_gib, report, synchronize  # noqa: E402
 from models import random_pipeline  # noqa: E402
 
 from sdvgen_core.lora import DEFAULT_ADAPTER, make_lora_config, save_lora  # noqa: E402
+from sdvgen_core.pipeline import resolve_dtype  # noqa: E402
 from sdvgen_core.reference import FitMode  # noqa: E402
 
 PROMPT = "a <cls> toy robot walks through a snowy forest"
@@ -47,20 +48,14 @@ def write_random_lora(pipe, path: Path, rank: int) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["tiny", "mid", "5b"], default="mid")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    parser.add_argument("--height", type=int, default=160)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--frames", type=int, default=25)
+    add_common_arguments(parser, frames=25)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--lora-rank", type=int, default=128)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the CSV/JSON results")
     args = parser.parse_args()
 
     diffusers_logging.set_verbosity_error()
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = resolve_dtype(args.dtype)
     pipe = random_pipeline(args.model, dtype)
     pipe.set_progress_bar_config(disable=True)
     reference = torch.rand(3, args.height, args.width)

@@ -20,9 +20,10 @@ from diffusers.utils import logging as diffusers_logging
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, interleaved_medians, machine_info, report  # noqa: E402
+from common import add_common_arguments, interleaved_medians, machine_info, report  # noqa: E402
 from models import TRANSFORMER  # noqa: E402
 
+from sdvgen_core.pipeline import resolve_dtype  # noqa: E402
 from sdvgen_core.transformer import SDVGenTransformer3DModel  # noqa: E402
 
 TEXT_TOKENS = 226
@@ -40,20 +41,14 @@ def flop_overhead(width: int, layers: int, latent_frames: int, tokens_per_frame:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(TRANSFORMER), default="mid")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    parser.add_argument("--height", type=int, default=160)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--frames", type=int, default=49, help="video frames (4k+1); latent frames = (frames-1)/4+1")
+    add_common_arguments(parser, frames=49)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the CSV/JSON results")
     args = parser.parse_args()
 
     diffusers_logging.set_verbosity_error()
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = resolve_dtype(args.dtype)
     config = dict(TRANSFORMER[args.model], use_rotary_positional_embeddings=True, sample_frames=49)
     torch.manual_seed(0)
     stock = CogVideoXTransformer3DModel(**config).to(device, dtype).eval()
