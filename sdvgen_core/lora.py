@@ -168,7 +168,7 @@ def load_lora(
 ) -> LoraFileInfo:
     """Validate `path` against `transformer`, then load it as PEFT adapter `adapter_name` at `strength`.
 
-    Replaces an adapter of the same name. Raises `LoraLoadError` naming the file and the first bad key.
+    Replaces an adapter of the same name (unfusing first). Raises `LoraLoadError` naming the file and the first bad key.
     """
     path = str(path)
     tensors, metadata = read_lora_file(path)
@@ -185,6 +185,8 @@ def load_lora(
         "rank_pattern": {name: r for name, r in ranks.items() if r != rank},
         "alpha_pattern": {name: a for name, a in alphas.items() if a != alpha},
     }
+    if is_fused(transformer):  # deleting a merged adapter would leave its delta in the base weights
+        transformer.unfuse_lora()
     if adapter_name in getattr(transformer, "peft_config", {}):
         transformer.delete_adapters(adapter_name)
     model_dtype = next(transformer.parameters()).dtype

@@ -100,7 +100,10 @@ def check_model_dir(model_dir: str | os.PathLike) -> Path:
 
 
 class SDVGenPipeline(CogVideoXPipeline):
-    """CogVideoX-5B text-to-video with a subject reference image (zero-shot SDV-Gen)."""
+    """CogVideoX-5B text-to-video with a subject reference image (zero-shot SDV-Gen).
+
+    Construction registers `<cls>` with the tokenizer (and, only if its table is full, the text encoder).
+    """
 
     transformer: SDVGenTransformer3DModel
 
@@ -150,8 +153,6 @@ class SDVGenPipeline(CogVideoXPipeline):
 
     def load_lora(self, path: str | os.PathLike, strength: float = 1.0, fuse: bool = False) -> LoraFileInfo:
         """Load (or replace) the SDV-Gen LoRA; `fuse` merges it into the weights for speed."""
-        if any(getattr(m, "merged", False) for m in self.transformer.modules()):
-            self.transformer.unfuse_lora()
         self.lora_info = load_lora(self.transformer, path, strength=strength, adapter_name=DEFAULT_ADAPTER)
         if fuse:
             self.transformer.fuse_lora(adapter_names=[DEFAULT_ADAPTER])
@@ -198,7 +199,7 @@ class SDVGenPipeline(CogVideoXPipeline):
     ) -> torch.Tensor:
         """Subject image -> reference latents `[1, 1, C, height/8, width/8]`."""
         pixels = prepare_reference_image(image, height, width, fit=fit, subject_mask=subject_mask)
-        return encode_reference(self.vae, pixels, generator=generator)
+        return encode_reference(self.vae, pixels, generator=generator, device=self._execution_device)
 
     def check_generation_args(self, height: int, width: int, num_frames: int, num_inference_steps: int) -> None:
         multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size
@@ -215,7 +216,7 @@ class SDVGenPipeline(CogVideoXPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         reference_image: ImageInput | None = None,
         reference_latents: torch.Tensor | None = None,
         negative_prompt: str | list[str] | None = None,
@@ -232,25 +233,35 @@ class SDVGenPipeline(CogVideoXPipeline):
         eta: float = 0.0,
         output_type: str = "pt",
         callback: StepCallback | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
     ) -> SDVGenOutput:
         """Generate `[B, num_frames, 3, height, width]` frames (or latents with `output_type="latent"`).
 
         Give the subject as `reference_image` (fitted and VAE-encoded here) or as ready `reference_latents`
         `[B, 1, C, h, w]`; with neither it is plain CogVideoX text-to-video. `callback` runs after every step
-        and may raise (e.g. `GenerationCancelled`) to stop.
+        and may raise (e.g. `GenerationCancelled`) to stop. `prompt_embeds` / `negative_prompt_embeds`
+        `[B, 226, D]` replace `prompt` / `negative_prompt` when the text was encoded beforehand (ComfyUI's
+        prompt node encodes once and its result is cached).
         """
         self.check_generation_args(height, width, num_frames, num_inference_steps)
         if reference_guidance_scale and reference_image is None and reference_latents is None:
             raise SDVGenError("reference_guidance_scale needs a reference image")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        batch_size = len(prompts)
+        if (prompt is None) == (prompt_embeds is None):
+            raise SDVGenError("give either a prompt or prompt_embeds, not both or neither")
+        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+        batch_size = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         device = self._execution_device
         dtype = self.transformer.dtype
         do_cfg = guidance_scale > 1.0
 
         prompt_embeds, negative_embeds = self.encode_prompt(
-            prompts, negative_prompt, do_cfg, device=device, dtype=dtype
+            prompts, negative_prompt, do_cfg, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, device=device, dtype=dtype,
         )
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+        if negative_embeds is not None:
+            negative_embeds = negative_embeds.to(device=device, dtype=dtype)
         if reference_image is not None:
             reference_latents = self.encode_reference_image(
                 reference_image, height, width, fit=fit, subject_mask=subject_mask, generator=generator
@@ -327,14 +338,23 @@ class SDVGenPipeline(CogVideoXPipeline):
         tile_sample_min_height: int | None = None,
         tile_sample_min_width: int | None = None,
         tile_overlap_factor: float | None = None,
+        sliced: bool = False,
     ) -> torch.Tensor:
-        """Latents `[B, T, C, h, w]` -> frames `[B, 4(T-1)+1, 3, 8h, 8w]` in 0..1; `tiled` decodes in overlapping tiles."""
+        """Latents `[B, T, C, h, w]` -> frames `[B, 4(T-1)+1, 3, 8h, 8w]` in 0..1.
+
+        `tiled` decodes in overlapping spatial tiles, `sliced` one video of the batch at a time; both trade
+        speed for memory.
+        """
         if tiled:
             self.vae.enable_tiling(
                 tile_sample_min_height, tile_sample_min_width, tile_overlap_factor, tile_overlap_factor
             )
         else:
             self.vae.disable_tiling()
+        if sliced:
+            self.vae.enable_slicing()
+        else:
+            self.vae.disable_slicing()
         latents = latents.to(device=self._execution_device, dtype=self.vae.dtype)
         frames = self.decode_latents(latents)  # [B, 3, F, H, W] in -1..1
         # The VAE keeps the first latent frame as one frame only when the latent count is odd (13 for

@@ -80,9 +80,20 @@ def write_t5_tokenizer(folder: str | os.PathLike, vocab_size: int) -> int:
     return len(AutoTokenizer.from_pretrained(folder))
 
 
+def cogvideox_5b_scheduler():
+    """The DDIM scheduler exactly as configured in CogVideoX-5B's `scheduler/scheduler_config.json`."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    return CogVideoXDDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
+        snr_shift_scale=1.0, timestep_spacing="trailing",
+    )
+
+
 def build_tiny_model(folder: str | os.PathLike, config: TinyModelConfig = TinyModelConfig()) -> Path:
     """Write a tiny random CogVideoX (diffusers layout, safetensors) to `folder` and return it."""
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
     from transformers import T5Config, T5EncoderModel
 
     folder = Path(folder)
@@ -119,11 +130,7 @@ def build_tiny_model(folder: str | os.PathLike, config: TinyModelConfig = TinyMo
         )
     finally:
         torch.random.set_rng_state(generator_state)
-    scheduler = CogVideoXDDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
-        snr_shift_scale=1.0, timestep_spacing="trailing",
-    )
+    scheduler = cogvideox_5b_scheduler()
     transformer.save_pretrained(folder / "transformer", safe_serialization=True)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
     text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)

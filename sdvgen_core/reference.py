@@ -134,10 +134,18 @@ def prepare_reference_image(
 
 @torch.no_grad()
 def encode_reference(
-    vae: AutoencoderKLCogVideoX, image: torch.Tensor, generator: torch.Generator | None = None
+    vae: AutoencoderKLCogVideoX,
+    image: torch.Tensor,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """`[B, 3, H, W]` RGB in 0..1 -> reference latents `[B, 1, C, H/8, W/8]` (sampled, times `scaling_factor`)."""
+    """`[B, 3, H, W]` RGB in 0..1 -> reference latents `[B, 1, C, H/8, W/8]` (sampled, times `scaling_factor`).
+
+    `device` is where the VAE runs: give the pipeline's execution device when models are offloaded (their
+    weights then sit on the CPU or the meta device until the offload hook moves them); default: where the
+    weights are.
+    """
     param = next(vae.parameters())
-    video = rearrange(image * 2.0 - 1.0, "b c h w -> b c 1 h w").to(device=param.device, dtype=param.dtype)
+    video = rearrange(image * 2.0 - 1.0, "b c h w -> b c 1 h w").to(device=device or param.device, dtype=param.dtype)
     latent = vae.encode(video).latent_dist.sample(generator=generator) * vae.config.scaling_factor
     return rearrange(latent, "b c t h w -> b t c h w")

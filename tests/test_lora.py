@@ -146,6 +146,20 @@ def test_fused_equals_unfused(release_lora, tiny_model_dir):
 
 
 @torch.no_grad()
+def test_reloading_over_a_fused_lora_leaves_no_residue(release_lora, tiny_model_dir, tmp_path):
+    video, reference, text, t = batch()
+    model = fresh(tiny_model_dir)
+    load_lora(model, release_lora)
+    model.fuse_lora(adapter_names=["sdvgen"])
+    other = make_release_lora(tiny_model_dir, tmp_path / "other.safetensors", seed=7)
+    load_lora(model, other)
+    expected = fresh(tiny_model_dir)
+    load_lora(expected, other)
+    torch.testing.assert_close(model(video, text, t, reference_latents=reference).sample,
+                               expected(video, text, t, reference_latents=reference).sample, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
 def test_writer_round_trip_and_header(release_lora, tiny_model_dir, tmp_path):
     video, reference, text, t = batch()
     source = fresh(tiny_model_dir)
@@ -224,33 +238,25 @@ def test_file_without_lora_keys(model, tmp_path):
         load_lora(model, path)
 
 
-def test_lora_for_another_model(model, tmp_path):
-    path = tmp_path / "flux.safetensors"
+@pytest.mark.parametrize(
+    "module, a_shape, b_shape, message",
+    [
+        ("single_transformer_blocks.0.attn.to_q", (4, 32), (32, 4),
+         r"for another model: key 'transformer\.single_transformer_blocks\.0"),
+        ("transformer_blocks.0.attn1.to_q", (4, 3072), (3072, 4),
+         r"shape mismatch at 'transformer\.transformer_blocks\.0\.attn1\.to_q\.lora_A"),
+        ("transformer_blocks.0.attn1.to_k", (8, 32), (32, 4),
+         r"rank/shape mismatch at 'transformer\.transformer_blocks\.0\.attn1\.to_k\.lora_B"),
+    ],
+    ids=["another-model", "shape", "rank"],
+)
+def test_mismatched_lora_names_first_offending_key(model, tmp_path, module, a_shape, b_shape, message):
+    path = tmp_path / "mismatch.safetensors"
     save_file({
-        "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32),
-        "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4),
+        f"transformer.{module}.lora_A.weight": torch.zeros(a_shape),
+        f"transformer.{module}.lora_B.weight": torch.zeros(b_shape),
     }, str(path))
-    with pytest.raises(LoraLoadError, match=r"for another model: key 'transformer\.single_transformer_blocks\.0"):
-        load_lora(model, path)
-
-
-def test_shape_mismatch_names_first_key(model, tmp_path):
-    path = tmp_path / "big.safetensors"
-    save_file({
-        "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 3072),
-        "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(3072, 4),
-    }, str(path))
-    with pytest.raises(LoraLoadError, match=r"shape mismatch at 'transformer\.transformer_blocks\.0\.attn1\.to_q\.lora_A"):
-        load_lora(model, path)
-
-
-def test_rank_mismatch(model, tmp_path):
-    path = tmp_path / "rank.safetensors"
-    save_file({
-        "transformer.transformer_blocks.0.attn1.to_k.lora_A.weight": torch.zeros(8, 32),
-        "transformer.transformer_blocks.0.attn1.to_k.lora_B.weight": torch.zeros(32, 4),
-    }, str(path))
-    with pytest.raises(LoraLoadError, match=r"rank/shape mismatch at 'transformer\.transformer_blocks\.0\.attn1\.to_k\.lora_B"):
+    with pytest.raises(LoraLoadError, match=message):
         load_lora(model, path)
 
 

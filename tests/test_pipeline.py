@@ -157,6 +157,27 @@ def test_bad_generation_arguments(tiny_pipe, kwargs, message):
         run(tiny_pipe, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "mode, method", [("model_offload", "enable_model_cpu_offload"), ("sequential_offload", "enable_sequential_cpu_offload")]
+)
+def test_offload_modes_use_diffusers_hooks_on_an_accelerator(tiny_model_dir, monkeypatch, mode, method):
+    pipe = SDVGenPipeline.from_model_dir(tiny_model_dir, dtype="fp32")
+    calls = []
+    monkeypatch.setattr(pipe, method, lambda device: calls.append(device))
+    pipe.set_memory_mode(mode, "cuda:1")
+    assert calls == [torch.device("cuda:1")] and pipe.memory_mode is MemoryMode(mode)
+
+
+def test_sliced_decode_equals_plain(tiny_pipe):
+    latents = torch.cat([run(tiny_pipe, output_type="latent", seed=s).latents for s in (1, 2)])
+    plain = tiny_pipe.decode(latents)
+    sliced = tiny_pipe.decode(latents, sliced=True)
+    assert tiny_pipe.vae.use_slicing
+    torch.testing.assert_close(sliced, plain, rtol=1e-4, atol=1e-5)
+    tiny_pipe.decode(latents[:1])
+    assert not tiny_pipe.vae.use_slicing
+
+
 def test_offload_modes_fall_back_on_cpu(tiny_pipe, caplog):
     with caplog.at_level(logging.WARNING):
         tiny_pipe.set_memory_mode(MemoryMode.MODEL_OFFLOAD, "cpu")

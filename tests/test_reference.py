@@ -108,3 +108,17 @@ def test_encode_reference_matches_direct_vae_sample(tiny_model_dir):
         expected = dist.sample(generator=torch.Generator().manual_seed(3)) * 0.7
     torch.testing.assert_close(latents, expected.permute(0, 2, 1, 3, 4))
     assert not torch.allclose(latents, dist.mean.permute(0, 2, 1, 3, 4) * 0.7)  # sampled, not the mean
+
+
+def test_encode_reference_runs_on_the_execution_device_of_an_offloaded_vae(tiny_model_dir):
+    # Sequential offload keeps the weights on the meta device until each layer runs; the input must go to
+    # the execution device (the CPU here), not to where the weights are.
+    from accelerate import cpu_offload
+
+    vae = AutoencoderKLCogVideoX.from_pretrained(tiny_model_dir, subfolder="vae").eval()
+    pixels = prepare_reference_image(draw_subject(), 48, 64)
+    expected = encode_reference(vae, pixels, generator=torch.Generator().manual_seed(3))
+    cpu_offload(vae, execution_device=torch.device("cpu"))
+    assert next(vae.parameters()).device.type == "meta"
+    offloaded = encode_reference(vae, pixels, generator=torch.Generator().manual_seed(3), device="cpu")
+    torch.testing.assert_close(offloaded, expected)

@@ -1,0 +1,92 @@
+"""Shared helpers for the benchmarks: interleaved timing with medians, machine info, table/CSV/JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, frames: int) -> None:
+    """Model size, placement and video size options shared by the benchmarks."""
+    parser.add_argument("--model", choices=["tiny", "mid", "5b"], default="mid",
+                        help="random-weight model size: tiny, mid (CPU: matmuls dominate), 5b (real size, GPU)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--height", type=int, default=160)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--frames", type=int, default=frames, help="video frames (4k+1)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the CSV/JSON results")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(
+    candidates: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2, repeats: int = 5
+) -> dict[str, float]:
+    """Median seconds per call of each candidate, measured round-robin so drift hits all of them alike."""
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    synchronize(device)
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def machine_info(device: torch.device) -> dict[str, str]:
+    accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(sys.argv),
+        "device": str(device),
+        "accelerator": accelerator,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+    }
+
+
+def markdown_table(rows: list[dict[str, object]]) -> str:
+    headers = list(rows[0])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(row[h]) for h in headers) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(name: str, rows: list[dict[str, object]], info: dict[str, str], out_dir: Path = RESULTS_DIR) -> None:
+    """Print the table and write `<name>.csv` and `<name>.json` (rows plus machine info)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print("\n".join(f"{k}: {v}" for k, v in info.items()))
+    print(markdown_table(rows))
+    with open(out_dir / f"{name}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / f"{name}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+
+
+def peak_memory_gib(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "n/a (CPU)"
+    return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}"

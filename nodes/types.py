@@ -1,0 +1,24 @@
+"""Socket type names and choice lists shared by the nodes.
+
+The sockets carry SDV-Gen objects that core ComfyUI nodes cannot use, so they get their own names
+(never MODEL, CONDITIONING, LATENT ...): ComfyUI then only lets them connect to SDV-Gen nodes. The
+choice lists mirror `sdvgen_core` (checked by the tests) but are spelled out here so that building the
+node definitions does not import torch.
+"""
+
+PIPE = "SDVGEN_PIPE"
+CONDITIONING = "SDVGEN_COND"
+REFERENCE = "SDVGEN_REFERENCE"
+LATENT = "SDVGEN_LATENT"
+
+CATEGORY = "sdvgen"
+
+NO_LORA = "none"
+PRECISIONS = ["auto", "bf16", "fp16", "fp32"]  # auto: bf16 on a GPU, fp32 on the CPU
+MEMORY_MODES = ["on_device", "model_offload", "sequential_offload"]  # sdvgen_core.MemoryMode
+FIT_MODES = ["crop", "pad", "stretch"]  # sdvgen_core.FitMode
+SCHEDULERS = ["ddim", "dpm"]  # sdvgen_core.pipeline.SCHEDULERS
+
+MAX_FRAMES = 49  # CogVideoX-5B's sample_frames; frames are 4k + 1
+MAX_SIZE = 2048
+SIZE_STEP = 16  # VAE factor 8 times patch size 2

@@ -1,0 +1,33 @@
+"""The benchmark scripts run end to end at toy sizes and write their tables (numbers are not asserted)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.mark.parametrize(
+    "script, args, name",
+    [
+        ("reference_overhead.py", ["--model", "tiny", "--frames", "5", "--height", "32", "--width", "48",
+                                   "--warmup", "0", "--repeats", "1"], "reference_overhead_tiny_cpu"),
+        ("generation.py", ["--model", "tiny", "--frames", "5", "--height", "32", "--width", "48", "--steps", "1",
+                           "--lora-rank", "4"], "generation_tiny_cpu"),
+    ],
+)
+def test_bench_script_writes_results(tmp_path, script, args, name):
+    result = subprocess.run([sys.executable, str(BENCH / script), *args, "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(tmp_path / f"{name}.csv")))
+    data = json.loads((tmp_path / f"{name}.json").read_text())
+    assert rows and data["rows"] == rows
+    assert data["machine"]["device"] == "cpu"
+    assert "|---|" in result.stdout
