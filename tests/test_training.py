@@ -199,28 +199,54 @@ import json, sys
 from pathlib import Path
 from safetensors.torch import save_file
 from training.config import load_config
+from training.prepare import run_prepare
 from training.trainer import Trainer
-config_path, overrides, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
-trainer = Trainer(load_config(config_path, overrides))
-trainer.train()
-state = {k: v.contiguous() for k, v in trainer.unwrapped.state_dict().items() if "lora_" in k}
-save_file(state, str(out / f"rank{trainer.accelerator.process_index}.safetensors"))
+command, config_path, overrides, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), Path(sys.argv[4])
+if command == "prepare":
+    run_prepare(load_config(config_path, overrides))
+else:
+    trainer = Trainer(load_config(config_path, overrides))
+    trainer.train()
+    state = {k: v.contiguous() for k, v in trainer.unwrapped.state_dict().items() if "lora_" in k}
+    save_file(state, str(out / f"rank{trainer.accelerator.process_index}.safetensors"))
 """
+
+
+def torchrun_two_ranks(command: str, overrides: list[str], out: Path) -> None:
+    script = out / "ddp_script.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), command, str(TINY_CONFIG), json.dumps(overrides), str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_two_process_prepare_splits_the_work(demo, tiny_model_dir, tmp_path):
+    root, skips = demo
+    cache = tmp_path / "cache"
+    torchrun_two_ranks("prepare", [*demo_overrides(root, tiny_model_dir, "x"), f"data.cache_dir={cache}"], tmp_path)
+    reports = [json.loads((cache / f"report-rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(reports)  # both ranks did part of the work
+    total = {k: reports[0].get(k, 0) + reports[1].get(k, 0) for k in {*reports[0], *reports[1]}}
+    assert total == skips  # every skip counted once
+    single = root / "cache"
+    for kind in ("identity", "video"):
+        names = sorted(p.name for p in (cache / kind).glob("*.safetensors"))
+        assert names == sorted(p.name for p in (single / kind).glob("*.safetensors"))
+        for name in names:
+            got, expected = load_file(cache / kind / name), load_file(single / kind / name)
+            for key in expected:
+                torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-4)
 
 
 def test_two_process_ddp_matches_single_process_accumulation(demo, tiny_model_dir, tmp_path):
     root, _ = demo
     # 2 ranks x 1 micro-batch draw exactly what 1 rank x 2 accumulated micro-batches draw
     overrides = [*demo_overrides(root, tiny_model_dir, "ddp"), *RUN_OVERRIDES, "train.gradient_accumulation=1"]
-    script = tmp_path / "ddp_train.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), str(TINY_CONFIG), json.dumps(overrides), str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    torchrun_two_ranks("train", overrides, tmp_path)
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert rank0.keys() == rank1.keys() and len(rank0) > 0
     for key in rank0:

@@ -150,6 +150,8 @@ class Trainer:
             log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
+        self.distributed = self.accelerator.distributed_type
+        self._check_launch()
         flush_subnormals_on_cpu(self.accelerator.device)
         if train.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -168,12 +170,6 @@ class Trainer:
         lora = config.lora
         transformer.add_adapter(make_lora_config(lora.rank, lora.alpha, lora.dropout, lora.target_modules),
                                 adapter_name=DEFAULT_ADAPTER)
-        self.distributed = self.accelerator.distributed_type
-        if self.distributed == DistributedType.FSDP and config.model.dtype != "fp32":
-            raise ConfigError(
-                "FSDP flattens frozen and LoRA weights together, which needs one dtype: set model.dtype=fp32 "
-                "(FSDP's bf16 mixed precision still computes in bf16; the fp32 weights are sharded across GPUs)"
-            )
         for param in transformer.parameters():
             if param.requires_grad:
                 param.data = param.data.float()  # trainable LoRA weights stay fp32 under bf16 autocast
@@ -199,14 +195,23 @@ class Trainer:
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(transformer, optimizer, lr_scheduler)
         self.flat = FlatGradients(self.unwrapped)
         self.pcgrad = PCGradBuffer(config.monitor.pcgrad_buffer) if config.monitor.pcgrad else None
+        self.validator = Validator(config) if config.validation.every else None
+        self.monitor_log = MonitorLog(self.output_dir)
+
+    def _check_launch(self) -> None:
+        """Refuse settings the chosen distributed backend cannot honour, before anything is loaded."""
+        config = self.config
+        if self.distributed == DistributedType.FSDP and config.model.dtype != "fp32":
+            raise ConfigError(
+                "FSDP flattens frozen and LoRA weights together, which needs one dtype: set model.dtype=fp32 "
+                "(FSDP's bf16 mixed precision still computes in bf16; the fp32 weights are sharded across GPUs)"
+            )
         local = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
         if (config.monitor.every or config.monitor.pcgrad) and self.distributed not in local:
             raise ConfigError("the gradient monitor and PCGrad need each rank's full gradients: launch single-process "
                               "or DDP (training/accelerate/multi_gpu.yaml), not DeepSpeed/FSDP")
         if config.validation.every and self.distributed == DistributedType.FSDP:
             raise ConfigError("validation videos need the whole transformer on one GPU: not available under FSDP")
-        self.validator = Validator(config) if config.validation.every else None
-        self.monitor_log = MonitorLog(self.output_dir)
 
     @property
     def unwrapped(self):
