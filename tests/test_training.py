@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -110,6 +111,10 @@ def test_end_to_end_cli_lora_loads_and_changes_output(demo, tiny_model_dir, tmp_
     exported = tmp_path / "exported.safetensors"
     assert training_cli(["export", *args, "--output", str(exported), "--dtype", "fp32"]) == 0
 
+    run = root / "e2e"
+    assert len((run / "train_log.csv").read_text().splitlines()) == 4  # header + 3 steps
+    assert list((run / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
+    assert (run / "checkpoints" / "step-000003" / "sdvgen_lora.safetensors").is_file()
     with safe_open(str(exported), "pt") as handle:
         metadata = handle.metadata()
     assert metadata["sdvgen.cls_token"] == "<cls>" and metadata["sdvgen.train_step"] == "3"
@@ -253,43 +258,63 @@ def test_two_process_ddp_matches_single_process_accumulation(demo, tiny_model_di
         assert torch.equal(rank0[key], rank1[key]), key
 
     single = Trainer(config_for(demo, tiny_model_dir, "single", *RUN_OVERRIDES, "train.gradient_accumulation=2"))
+    # The monitor at step 0 (same initial weights) averaged the two ranks' pre-all-reduce gradients.
+    with (root / "ddp" / "grad_monitor.csv").open() as handle:
+        logged = next(row for row in csv.DictReader(handle) if row["step"] == "0")
+    flat = direct_task_gradients(single, ranks=2)
+    cos, norm_identity, norm_video = stats_of(flat, list(flat[IDENTITY]))
+    assert float(logged["cosine"]) == pytest.approx(cos, rel=1e-4, abs=1e-6)
+    assert float(logged["norm_identity"]) == pytest.approx(norm_identity, rel=1e-4)
+    assert float(logged["norm_video"]) == pytest.approx(norm_video, rel=1e-4)
     single.train()
     for key, value in lora_state(single).items():
         torch.testing.assert_close(rank0[key], value, atol=1e-5, rtol=1e-4)
 
 
-def test_gradient_monitor_equals_direct_computation(demo, tiny_model_dir):
+def direct_task_gradients(trainer: Trainer, ranks: int = 1) -> dict[str, dict[str, torch.Tensor]]:
+    """Each task's held-out gradient by plain autograd, averaged over what `ranks` ranks would each see."""
     from training.batches import BatchStream
-
-    trainer = Trainer(config_for(demo, tiny_model_dir, "monitor", *RUN_OVERRIDES))
-    before = lora_state(trainer)
-    stats = trainer.measure_gradients()
 
     model = trainer.unwrapped
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert all(p.grad is None for _, p in named)  # measuring leaves no gradient behind
     rules = StepRules.from_config(trainer.config, view_drop=False)
+    seed = trainer.config.train.seed
     flat = {}
     for task, held, size in ((IDENTITY, trainer.cache.held_identity, 2), (VIDEO, trainer.cache.held_video, 1)):
-        entries = BatchStream(held, 44, 2).micro_batch(0, size, 0, 0, 1, size)
-        generator = step_generator(44, 0, "sample", 1 << 20, 0)
-        batch = trainer.cache.load(task, entries, generator, rules)
-        model.eval()
-        loss = v_prediction_loss(model, trainer.noise_scheduler, batch, generator)
-        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-        flat[task] = {n: (g if g is not None else torch.zeros_like(p)).flatten() for (n, p), g in zip(named, grads)}
+        total = None
+        for rank in range(ranks):
+            entries = BatchStream(held, seed, 2).micro_batch(0, size * ranks, 0, rank, ranks, size)
+            generator = step_generator(seed, 0, "sample", 1 << 20, rank)
+            batch = trainer.cache.load(task, entries, generator, rules)
+            model.eval()
+            loss = v_prediction_loss(model, trainer.noise_scheduler, batch, generator)
+            grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+            local = [(g if g is not None else torch.zeros_like(p)).flatten() / ranks for (_, p), g in zip(named, grads)]
+            total = local if total is None else [a + b for a, b in zip(total, local)]
+        flat[task] = dict(zip([n for n, _ in named], total))
+    return flat
 
-    def stats_of(names):
-        a = torch.cat([flat[IDENTITY][n] for n in names])
-        b = torch.cat([flat[VIDEO][n] for n in names])
-        return torch.nn.functional.cosine_similarity(a, b, dim=0).item(), a.norm().item(), b.norm().item()
 
-    cos, norm_identity, norm_video = stats_of([n for n, _ in named])
+def stats_of(flat, names) -> tuple[float, float, float]:
+    a = torch.cat([flat[IDENTITY][n] for n in names])
+    b = torch.cat([flat[VIDEO][n] for n in names])
+    return torch.nn.functional.cosine_similarity(a, b, dim=0).item(), a.norm().item(), b.norm().item()
+
+
+def test_gradient_monitor_equals_direct_computation(demo, tiny_model_dir):
+    trainer = Trainer(config_for(demo, tiny_model_dir, "monitor", *RUN_OVERRIDES))
+    before = lora_state(trainer)
+    stats = trainer.measure_gradients()
+    named = [n for n, p in trainer.unwrapped.named_parameters() if p.requires_grad]
+    assert all(p.grad is None for p in trainer.unwrapped.parameters())  # measuring leaves no gradient behind
+    flat = direct_task_gradients(trainer)
+
+    cos, norm_identity, norm_video = stats_of(flat, named)
     assert stats["cosine"] == pytest.approx(cos, rel=1e-4, abs=1e-6)
     assert stats["norm_identity"] == pytest.approx(norm_identity, rel=1e-4)
     assert stats["norm_video"] == pytest.approx(norm_video, rel=1e-4)
-    attention = [n for n, _ in named if any(f".{s}.lora_" in n for s in LAYER_GROUPS["attention"])]
-    cos, norm_identity, _ = stats_of(attention)
+    attention = [n for n in named if any(f".{s}.lora_" in n for s in LAYER_GROUPS["attention"])]
+    cos, norm_identity, _ = stats_of(flat, attention)
     assert stats["attention/cosine"] == pytest.approx(cos, rel=1e-4, abs=1e-6)
     assert stats["attention/norm_identity"] == pytest.approx(norm_identity, rel=1e-4)
     for key, value in lora_state(trainer).items():
