@@ -110,9 +110,6 @@ class TrainingCache:
         if config.monitor.every and not (self.held_identity and self.held_video):
             raise DataError("the gradient monitor needs data.holdout_identity > 0 and data.holdout_video > 0")
 
-    def items(self, task: str) -> list:
-        return self.identity if task == IDENTITY else self.video
-
     def load(self, task: str, entries: list, generator: torch.Generator, step_rules: "StepRules") -> Batch:
         if task == IDENTITY:
             return self._identity_batch(entries, generator, step_rules)

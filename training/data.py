@@ -38,7 +38,7 @@ class DataError(ValueError):
 
 
 class SkipCounter(Counter):
-    """Skipped inputs by reason; every skip is logged with the offending file."""
+    """Skipped inputs (and caption fix-ups such as `<cls>` moved to the start) by reason; skips are logged."""
 
     def skip(self, reason: str, what: str, detail: object = "") -> None:
         self[reason] += 1

@@ -183,8 +183,8 @@ def run_prepare(config: Config) -> dict[str, int]:
 
     total = SkipCounter()
     if accelerator.is_main_process:
-        for report in cache.glob("report-rank*.json"):
-            total.update(json.loads(report.read_text()))
+        for rank in range(accelerator.num_processes):  # not a glob: an earlier run may have had more ranks
+            total.update(json.loads((cache / f"report-rank{rank}.json").read_text()))
         meta = cache_meta(config) | {
             "scaling_factor": encoder.vae.config.scaling_factor,
             "cls": encoder.cls_info.as_metadata(),
