@@ -214,3 +214,16 @@ def test_shipped_accelerate_configs_parse(name):
         assert config.fsdp_config["fsdp_use_orig_params"] is True
     if name == "multi_node":
         assert config.num_machines == 2
+
+
+def test_cli_reports_bad_setups_without_a_traceback(tmp_path, capsys):
+    from training.__main__ import main
+
+    # mixed_precision=no: accelerate's process-wide state must match the other tests' Accelerators
+    assert main(["train", "--set", "model.path=m", "--set", f"data.cache_dir={tmp_path / 'none'}",
+                 "--set", f"train.output_dir={tmp_path / 'run'}", "--set", "train.mixed_precision=no"]) == 2
+    assert "no prepared cache" in capsys.readouterr().err
+    assert main(["prepare", "--set", "model.path=m", "--set", f"data.video.folders=[{tmp_path / 'missing'}]"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--set", "optim.lr=fast"]) == 2
+    assert "optim.lr must be float" in capsys.readouterr().err

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             from .export import run_export
 
             print(run_export(config, args.checkpoint, args.output, args.dtype))
-    except (ConfigError, DataError, SDVGenError, FileNotFoundError) as error:
+    except (ConfigError, DataError, SDVGenError, FileNotFoundError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -199,6 +199,8 @@ def _coerce(value, annotation, key: str):
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{key} must be true or false; got {value!r}")
+    if annotation is str and isinstance(value, bool):
+        return "yes" if value else "no"  # YAML 1.1 reads an unquoted `no` (train.mixed_precision) as false
     if annotation in (int, float, str):
         try:
             if annotation is int and isinstance(value, float) and not value.is_integer():

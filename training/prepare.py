@@ -147,7 +147,7 @@ def check_video_set_nonempty(config: Config, count: int, where: str) -> None:
 
 def run_prepare(config: Config) -> dict[str, int]:
     """Fill the cache; returns the summed skip counts (main process)."""
-    accelerator = Accelerator(mixed_precision="no")
+    accelerator = Accelerator()  # only for ranks and barriers: the encoders run in model.dtype
     cache = Path(config.data.cache_dir)
     for sub in ("identity", "video"):
         (cache / sub).mkdir(parents=True, exist_ok=True)
