@@ -368,3 +368,21 @@ def test_validation_videos_from_the_training_transformer(demo, tiny_model_dir, t
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 5 and frames[0].shape == (64, 96, 3)
     assert trainer.model.training  # sampling left the model in training mode
+
+
+def test_gradient_checkpointing_keeps_lora_gradients(demo, tiny_model_dir):
+    trainer = Trainer(config_for(demo, tiny_model_dir, "checkpointing", "train.gradient_checkpointing=true",
+                                 "lora.dropout=0", "monitor.every=0"))
+    model = trainer.unwrapped
+    assert model.is_gradient_checkpointing
+    batch = trainer._batch(VIDEO, 0, 0, trainer.rules, step_generator(0, 0, "sample", 0))
+    gradients = []
+    for checkpointing in (True, False):
+        model.enable_gradient_checkpointing() if checkpointing else model.disable_gradient_checkpointing()
+        model.train()
+        loss = v_prediction_loss(model, trainer.noise_scheduler, batch, torch.Generator().manual_seed(3))
+        params = [p for p in model.parameters() if p.requires_grad]
+        gradients.append(torch.autograd.grad(loss, params))
+    assert sum(int(g.abs().sum() > 0) for g in gradients[0]) >= len(gradients[0]) // 2  # every lora_B (A: B = 0)
+    for with_checkpointing, without in zip(*gradients):
+        torch.testing.assert_close(with_checkpointing, without, atol=1e-6, rtol=1e-5)
