@@ -129,6 +129,8 @@ class TrainingCache:
             references.append(views[0])
             targets.append(views[1])
             texts.append(stats[f"text.{target_view}"].float())
+        # "Drop one view" (paper A.2): the micro-batch keeps only its target view and trains as text-to-image
+        # with the <cls> caption, so identity must also come through the text path, not only by copying.
         drop_view = rules.view_drop and torch.rand((), generator=generator).item() < rules.p_view_drop
         return Batch(
             task=IDENTITY,
