@@ -227,3 +227,22 @@ def test_cli_reports_bad_setups_without_a_traceback(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "--set", "optim.lr=fast"]) == 2
     assert "optim.lr must be float" in capsys.readouterr().err
+
+
+def test_readme_documents_every_option():
+    import dataclasses
+    import re
+
+    from training.config import Config
+
+    def leaves(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+                yield from leaves(f.default_factory, f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name
+
+    readme = (CONFIGS.parent / "README.md").read_text()
+    table = readme[readme.index("## All options"):]
+    documented = set(re.findall(r"`([a-z_]+(?:\.[a-z0-9_]+)+)`", table))
+    assert len(set(leaves(Config))) > 50 and set(leaves(Config)) <= documented, sorted(set(leaves(Config)) - documented)
