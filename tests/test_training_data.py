@@ -1,0 +1,248 @@
+"""Trainer config, data sources and samplers (no model needed)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from sdvgen_core.lora import LORA_TARGET_MODULES
+from sdvgen_core.video import write_mp4
+from training.batches import (
+    IDENTITY,
+    VIDEO,
+    BatchStream,
+    TaskSampler,
+    check_batch_sizes,
+    jitter_offsets,
+    reference_frames,
+    token_keep_indices,
+)
+from training.config import ConfigError, load_config
+from training.data import (
+    SUBJECTS200K_BOXES,
+    ClipTooShort,
+    Shard,
+    SkipCounter,
+    _open_composite,
+    decode_clip,
+    jsonl_pair_records,
+    subjects200k_records,
+    video_records,
+)
+from training.demo import write_subjects200k
+
+CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+
+
+def test_paper_config_is_the_recipe():
+    config = load_config(CONFIGS / "paper_cogvideox5b.yaml")
+    config.validate()
+    assert (config.lora.rank, config.lora.alpha, config.lora.dropout) == (128, 64, 0.1)
+    assert tuple(config.lora.target_modules) == LORA_TARGET_MODULES
+    assert (config.task.p_video, config.task.p_token_drop, config.task.p_view_drop) == (0.2, 0.5, 0.5)
+    assert (config.optim.lr, config.optim.betas, config.optim.warmup_steps) == (5e-5, [0.9, 0.95], 200)
+    assert (config.optim.scheduler, config.optim.max_grad_norm) == ("cosine_with_restarts", 1.0)
+    train = config.train
+    assert (train.max_steps, train.identity_batch, train.video_batch, train.checkpoint_every) == (4000, 256, 32, 50)
+    assert (train.mixed_precision, train.allow_tf32, train.gradient_checkpointing) == ("bf16", True, True)
+    assert (config.data.height, config.data.width, config.data.video.fps, config.data.video.num_frames) == (480, 720, 8, 49)
+    assert check_batch_sizes(config, 8) == {IDENTITY: 8, VIDEO: 1}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_validate(name):
+    load_config(CONFIGS / name).validate()
+
+
+def test_overrides_and_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {path: m}\noptim: {lr: 1.0e-3}\n")
+    config = load_config(path, ["optim.lr=1e-4", "optim.betas=[0.8, 0.9]", "train.gradient_checkpointing=false",
+                                "data.identity.subjects200k=a.parquet,b.parquet", "task.p_video=0"])
+    assert config.optim.lr == 1e-4 and config.optim.betas == [0.8, 0.9]
+    assert config.train.gradient_checkpointing is False
+    assert config.data.identity.subjects200k == ["a.parquet", "b.parquet"]
+    assert config.task.p_video == 0.0
+    with pytest.raises(ConfigError, match="unknown option optim.learning_rate"):
+        load_config(path, ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="train.max_steps must be int"):
+        load_config(path, ["train.max_steps=ten"])
+    with pytest.raises(ConfigError, match="num_frames must be 4k\\+1"):
+        load_config(path, ["data.video.num_frames=48"]).validate()
+    with pytest.raises(ConfigError, match="divisible"):
+        check_batch_sizes(load_config(path, ["train.video_batch=3"]), 2)
+
+
+def test_subjects200k_layout(tmp_path):
+    parquet = write_subjects200k(tmp_path / "s.parquet", rows=4, low_quality_every=4)
+    skips = SkipCounter()
+    identity_config = load_config(overrides=[f"data.identity.subjects200k=[{parquet}]"]).data.identity
+    records = list(subjects200k_records(identity_config, skips))
+    assert len(records) == 3 and skips["below quality threshold"] == 1
+    record = records[0]
+    assert record.captions[0].startswith("A <cls> mug") and record.captions[1].startswith("A <cls> mug")
+    view0, view1 = record.load_views()
+    assert view0.size == view1.size == (512, 512)
+    # A composite with a distinct colour in each box checks the crop boxes themselves.
+    canvas = Image.new("RGB", (1056, 528), (255, 255, 255))
+    for color, box in zip(((255, 0, 0), (0, 0, 255)), SUBJECTS200K_BOXES):
+        canvas.paste(Image.new("RGB", (512, 512), color), box[:2])
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    left, right = _open_composite(buffer.getvalue())
+    assert left.getextrema() == ((255, 255), (0, 0), (0, 0)) and right.getextrema() == ((0, 0), (0, 0), (255, 255))
+    # Two ranks split the file by row group (2 rows each): disjoint, together everything, skips counted once.
+    shard_skips = [SkipCounter(), SkipCounter()]
+    shards = [[r.key for r in subjects200k_records(identity_config, shard_skips[rank], Shard(rank, 2))]
+              for rank in (0, 1)]
+    assert len(shards[0]) == 2 and len(shards[1]) == 1 and not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == sorted(r.key for r in records)
+    assert shard_skips[0]["below quality threshold"] + shard_skips[1]["below quality threshold"] == 1
+    # The fourth row fails only on compositeStructure: a lower threshold or a key list without it keeps it.
+    for override in ("data.identity.min_quality=3", "data.identity.quality_keys=[objectConsistency,imageQuality]"):
+        lenient = load_config(overrides=[f"data.identity.subjects200k=[{parquet}]", override])
+        assert len(list(subjects200k_records(lenient.data.identity, SkipCounter()))) == 4
+
+
+def test_jsonl_pairs_and_video_captions(tmp_path):
+    (tmp_path / "pairs.jsonl").write_text(
+        json.dumps({"reference": "r.png", "target": "t.png", "caption": "A red mug on a desk.", "subject": "mug"})
+        + "\n{not json\n" + json.dumps({"reference": "r.png", "caption": "missing target"}) + "\n"
+    )
+    skips = SkipCounter()
+    config = load_config(overrides=[f"data.identity.pairs_jsonl=[{tmp_path / 'pairs.jsonl'}]"])
+    records = list(jsonl_pair_records(config.data.identity, skips))
+    assert [r.captions for r in records] == [(None, "A red <cls> mug on a desk.")]
+    assert skips["bad JSONL line"] == 2
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("a", "b", "c"):
+        (videos / f"{name}.mp4").write_bytes(b"")
+    (videos / "a.txt").write_text("A dog runs.")
+    (tmp_path / "captions.csv").write_text("file,caption\nb.mp4,A cat sleeps.\n")
+    config = load_config(overrides=[f"data.video.folders=[{videos}]", f"data.video.captions={tmp_path / 'captions.csv'}"])
+    skips = SkipCounter()
+    found = {r.path.name: r.caption for r in video_records(config.data.video, skips)}
+    assert found == {"a.mp4": "<cls> A dog runs.", "b.mp4": "<cls> A cat sleeps."}
+    assert skips["no caption"] == 1
+
+
+def _counter_clip(path: Path, frames: int, fps: int, height: int, width: int) -> Path:
+    """Frame k is a flat grey of brightness 8k, so decoded frames tell which source frame they came from."""
+    values = torch.arange(frames, dtype=torch.float32) * 8 / 255
+    return write_mp4(values.view(-1, 1, 1, 1).expand(frames, 3, height, width).contiguous(), path, fps=fps)
+
+
+def test_decode_clip_resamples_and_fits(tmp_path):
+    clip = _counter_clip(tmp_path / "c.mp4", frames=24, fps=16, height=96, width=160)
+    frames = decode_clip(clip, fps=8, num_frames=9, height=48, width=48)
+    assert frames.shape == (9, 3, 48, 48)
+    source_index = (frames.mean(dim=(1, 2, 3)) * 255 / 8).round()
+    assert source_index.tolist() == [0, 2, 4, 6, 8, 10, 12, 14, 16]
+    with pytest.raises(ClipTooShort):
+        decode_clip(clip, fps=8, num_frames=13, height=48, width=48)
+    slow = _counter_clip(tmp_path / "slow.mp4", frames=6, fps=4, height=64, width=64)
+    repeated = (decode_clip(slow, fps=8, num_frames=9, height=32, width=32).mean(dim=(1, 2, 3)) * 255 / 8).round()
+    assert repeated.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4]
+
+
+def _binomial_ok(count: int, n: int, p: float, sigmas: float = 5.0) -> bool:
+    return abs(count - n * p) <= sigmas * math.sqrt(n * p * (1 - p))
+
+
+def test_task_switch_frequency_and_rank_agreement():
+    config = load_config(overrides=["task.p_video=0.2"])
+    sampler, other_rank = TaskSampler(config), TaskSampler(config)
+    draws = [sampler.task(step) for step in range(20000)]
+    assert _binomial_ok(draws.count(VIDEO), 20000, 0.2)
+    assert draws == [other_rank.task(step) for step in range(20000)]
+    # no long-range pattern: each half of the run has the same rate
+    assert _binomial_ok(draws[10000:].count(VIDEO), 10000, 0.2)
+    assert all(t == IDENTITY for t in map(TaskSampler(load_config(overrides=["task.p_video=0"])).task, range(1000)))
+    two_stage = TaskSampler(load_config(overrides=["task.schedule=two_stage", "task.two_stage_switch_step=10"]))
+    assert [two_stage.task(s) for s in range(12)] == [IDENTITY] * 10 + [VIDEO] * 2
+
+
+def test_token_drop_rate_and_reference_frame_spread():
+    generator = torch.Generator().manual_seed(0)
+    kept = sum(len(token_keep_indices(1350, 0.5, generator)) for _ in range(200))
+    assert _binomial_ok(1350 * 200 - kept, 1350 * 200, 0.5)
+    indices = token_keep_indices(100, 0.3, generator)
+    assert indices.unique().numel() == indices.numel() and int(indices.max()) < 100
+    assert token_keep_indices(100, 0.0, generator) is None
+
+    frames = reference_frames(49, 49000, "random", generator)
+    counts = torch.bincount(frames, minlength=49).float()
+    chi_square = ((counts - 1000) ** 2 / 1000).sum().item()
+    assert chi_square < 100  # 48 dof: mean 48, sd ~9.8
+    assert reference_frames(49, 100, "first", generator).eq(0).all()
+
+    offsets = jitter_offsets(2, 5000, generator)
+    assert offsets.min() == 0 and offsets.max() == 4
+    assert _binomial_ok(int(offsets.eq(2).sum()), offsets.numel(), 0.2)
+
+
+def test_batch_stream_partitions_global_batches():
+    stream = BatchStream(list(range(10)), seed=3, salt=0)
+    # 2 ranks x 2 accumulation steps x micro 2 = global batch 8
+    batch0 = [stream.micro_batch(0, 8, a, r, 2, 2) for a in range(2) for r in range(2)]
+    flat = [x for part in batch0 for x in part]
+    assert len(set(flat)) == 8
+    epoch = flat + [x for a in range(2) for r in range(2) for x in stream.micro_batch(1, 8, a, r, 2, 2)][:2]
+    assert sorted(epoch) == list(range(10))  # one epoch covers every item once
+    # the same partition from one rank with 4 accumulation steps
+    single = [x for a in range(4) for x in stream.micro_batch(0, 8, a, 0, 1, 2)]
+    assert single == flat
+
+
+@pytest.mark.parametrize("name", ["single_gpu", "multi_gpu", "multi_node", "deepspeed_zero2", "fsdp"])
+def test_shipped_accelerate_configs_parse(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(CONFIGS.parent / "accelerate" / f"{name}.yaml"))
+    expected = {"single_gpu": "NO", "multi_gpu": "MULTI_GPU", "multi_node": "MULTI_GPU",
+                "deepspeed_zero2": "DEEPSPEED", "fsdp": "FSDP"}[name]
+    assert config.distributed_type.value == expected
+    if name == "fsdp":
+        assert config.fsdp_config["fsdp_use_orig_params"] is True
+    if name == "multi_node":
+        assert config.num_machines == 2
+
+
+def test_cli_reports_bad_setups_without_a_traceback(tmp_path, capsys):
+    from training.__main__ import main
+
+    # mixed_precision=no: accelerate's process-wide state must match the other tests' Accelerators
+    assert main(["train", "--set", "model.path=m", "--set", f"data.cache_dir={tmp_path / 'none'}",
+                 "--set", f"train.output_dir={tmp_path / 'run'}", "--set", "train.mixed_precision=no"]) == 2
+    assert "no prepared cache" in capsys.readouterr().err
+    assert main(["prepare", "--set", "model.path=m", "--set", f"data.video.folders=[{tmp_path / 'missing'}]"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--set", "optim.lr=fast"]) == 2
+    assert "optim.lr must be float" in capsys.readouterr().err
+
+
+def test_readme_documents_every_option():
+    import dataclasses
+    import re
+
+    from training.config import Config
+
+    def leaves(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+                yield from leaves(f.default_factory, f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name
+
+    readme = (CONFIGS.parent / "README.md").read_text()
+    table = readme[readme.index("## All options"):]
+    documented = set(re.findall(r"`([a-z_]+(?:\.[a-z0-9_]+)+)`", table))
+    assert len(set(leaves(Config))) > 50 and set(leaves(Config)) <= documented, sorted(set(leaves(Config)) - documented)

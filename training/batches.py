@@ -1,0 +1,240 @@
+"""Train-time view of the cache: stateless per-step randomness, task switching and batch assembly.
+
+Every random choice is drawn from a generator seeded by (seed, step, purpose[, rank, micro-batch]), so
+a resumed run draws exactly what an uninterrupted one would, and the task draw is identical on all ranks
+without communication.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import Config, ConfigError
+from .data import DataError
+from .prepare import META_FILE, cache_meta, check_video_set_nonempty
+
+IDENTITY, VIDEO = "identity", "video"
+_PURPOSES = {"task": 1, "order": 2, "sample": 3}
+
+
+def step_generator(seed: int, step: int, purpose: str, *more: int) -> torch.Generator:
+    """A CPU generator determined by its arguments (never by history)."""
+    value = seed
+    for part in (_PURPOSES[purpose], step, *more):
+        value = (value * 1_000_003 + part + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(value)
+
+
+class TaskSampler:
+    """Which task step `step` trains: video with probability p (dual), or identity then video (two-stage)."""
+
+    def __init__(self, config: Config):
+        self.seed = config.train.seed
+        self.p_video = config.task.p_video
+        self.two_stage_switch = config.task.two_stage_switch_step if config.task.schedule == "two_stage" else None
+
+    def task(self, step: int) -> str:
+        if self.two_stage_switch is not None:
+            return VIDEO if step >= self.two_stage_switch else IDENTITY
+        u = torch.rand((), generator=step_generator(self.seed, step, "task")).item()
+        return VIDEO if u < self.p_video else IDENTITY
+
+
+def token_keep_indices(num_tokens: int, p_drop: float, generator: torch.Generator) -> torch.Tensor | None:
+    """Indices of the reference tokens kept when each is dropped independently with probability `p_drop`."""
+    if p_drop <= 0:
+        return None
+    return torch.nonzero(torch.rand(num_tokens, generator=generator) >= p_drop).flatten()
+
+
+def reference_frames(num_frames: int, batch: int, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Reference frame index per sample: uniform over the clip (`random`) or 0 (`first`)."""
+    if mode == "first":
+        return torch.zeros(batch, dtype=torch.long)
+    return torch.randint(0, num_frames, (batch,), generator=generator)
+
+
+def jitter_offsets(margin: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Per sample and view, a (top, left) latent crop offset in [0, 2 * margin]: `[batch, 2, 2]`."""
+    return torch.randint(0, 2 * margin + 1, (batch, 2, 2), generator=generator)
+
+
+def _sample_latent(stats: dict[str, torch.Tensor], name: str, scale: float, generator: torch.Generator):
+    mean, std = stats[f"{name}.mean"].float(), stats[f"{name}.std"].float()
+    return (mean + std * torch.randn(mean.shape, generator=generator)) * scale
+
+
+@dataclass
+class Batch:
+    task: str
+    latents: torch.Tensor  # [B, T, C, h, w] clean target latents
+    text: torch.Tensor  # [B, 226, D]
+    reference: torch.Tensor | None  # [B, 1, C, h, w]
+    keep_indices: torch.Tensor | None  # [K] reference tokens kept
+
+
+class TrainingCache:
+    """The prepared items, split into training and held-out (gradient monitor) sets."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        root = Path(config.data.cache_dir)
+        meta_path = root / META_FILE
+        if not meta_path.is_file():
+            raise DataError(f"no prepared cache in {str(root)!r}: run `python -m training prepare` first")
+        self.meta = json.loads(meta_path.read_text())
+        expected = cache_meta(config)
+        changed = sorted(k for k in expected if self.meta.get(k) != expected[k])
+        if changed:
+            raise DataError(
+                f"the cache in {str(root)!r} was prepared with other settings ({', '.join(changed)}: "
+                f"{[self.meta.get(k) for k in changed]} vs {[expected[k] for k in changed]}); run prepare into a new cache_dir"
+            )
+        self.scale = float(self.meta["scaling_factor"])
+        self.margin = config.data.identity.jitter_px // 8
+        identity_files = sorted((root / IDENTITY).glob("*.safetensors"))
+        video_files = sorted((root / VIDEO).glob("*.safetensors"))
+        held_identity, train_identity = _holdout(identity_files, config.data.holdout_identity, config.train.seed)
+        self.held_video, self.video = _holdout(video_files, config.data.holdout_video, config.train.seed)
+        self.identity = _directed_pairs(train_identity)
+        self.held_identity = _directed_pairs(held_identity)
+        if not self.identity and config.task.p_video < 1:
+            raise DataError(f"no identity pairs in the cache {str(root)!r}; add data.identity sources and run prepare")
+        check_video_set_nonempty(config, len(self.video), f"in the cache {str(root)!r}")
+        if config.monitor.every and not (self.held_identity and self.held_video):
+            raise DataError("the gradient monitor needs data.holdout_identity > 0 and data.holdout_video > 0")
+
+    def load(self, task: str, entries: list, generator: torch.Generator, step_rules: "StepRules") -> Batch:
+        if task == IDENTITY:
+            return self._identity_batch(entries, generator, step_rules)
+        return self._video_batch(entries, generator, step_rules)
+
+    def _identity_batch(self, pairs: list[tuple[Path, int]], generator, rules: "StepRules") -> Batch:
+        height, width = self.config.data.height // 8, self.config.data.width // 8
+        offsets = jitter_offsets(self.margin, len(pairs), generator)
+        targets, references, texts = [], [], []
+        for (path, target_view), offset in zip(pairs, offsets):
+            stats = _read(path)
+            views = []
+            for slot, view in enumerate((1 - target_view, target_view)):
+                latent = _sample_latent(stats, f"view{view}", self.scale, generator)
+                top, left = offset[slot].tolist()
+                views.append(latent[:, top:top + height, left:left + width])
+            references.append(views[0])
+            targets.append(views[1])
+            texts.append(stats[f"text.{target_view}"].float())
+        # "Drop one view" (paper A.2): the micro-batch keeps only its target view and trains as text-to-image
+        # with the <cls> caption, so identity must also come through the text path, not only by copying.
+        drop_view = rules.view_drop and torch.rand((), generator=generator).item() < rules.p_view_drop
+        return Batch(
+            task=IDENTITY,
+            latents=torch.stack(targets)[:, None],
+            text=torch.stack(texts),
+            reference=None if drop_view else torch.stack(references)[:, None],
+            keep_indices=None,
+        )
+
+    def _video_batch(self, paths: list[Path], generator, rules: "StepRules") -> Batch:
+        latents, references, texts = [], [], []
+        for path in paths:
+            stats = _read(path)
+            latents.append(_sample_latent(stats, "video", self.scale, generator))
+            frame = reference_frames(stats["frames.mean"].shape[0], 1, rules.reference_frame, generator).item()
+            frame_stats = {f"frame.{k}": stats[f"frames.{k}"][frame] for k in ("mean", "std")}
+            references.append(_sample_latent(frame_stats, "frame", self.scale, generator))
+            texts.append(stats["text"].float())
+        reference = torch.stack(references)[:, None] if rules.video_conditioning == "i2v" else None
+        keep = None
+        if reference is not None:
+            num_tokens = (reference.shape[-2] // 2) * (reference.shape[-1] // 2)
+            keep = token_keep_indices(num_tokens, rules.p_token_drop, generator)
+        return Batch(task=VIDEO, latents=torch.stack(latents), text=torch.stack(texts), reference=reference,
+                     keep_indices=keep)
+
+
+@dataclass(frozen=True)
+class StepRules:
+    """The per-task augmentation switches; the gradient monitor uses the training rules without view drop."""
+
+    p_view_drop: float
+    p_token_drop: float
+    reference_frame: str
+    video_conditioning: str
+    view_drop: bool = True
+
+    @classmethod
+    def from_config(cls, config: Config, view_drop: bool = True) -> "StepRules":
+        task = config.task
+        return cls(task.p_view_drop, task.p_token_drop, task.reference_frame, task.video_conditioning, view_drop)
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}
+
+
+def _holdout(files: list[Path], count: int, seed: int) -> tuple[list[Path], list[Path]]:
+    if count and count >= len(files):
+        raise DataError(f"holdout of {count} items leaves nothing to train on ({len(files)} prepared)")
+    shuffled = files[:]
+    random.Random(seed).shuffle(shuffled)
+    held = set(shuffled[:count])
+    return [f for f in files if f in held], [f for f in files if f not in held]
+
+
+def _directed_pairs(files: list[Path]) -> list[tuple[Path, int]]:
+    """(file, target view) for every direction a file supports."""
+    pairs = []
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            keys = set(handle.keys())
+        pairs.extend((path, view) for view in (0, 1) if f"text.{view}" in keys)
+    return pairs
+
+
+class BatchStream:
+    """Global batches of one task, drawn from seeded epoch permutations; rank r takes its micro-batch slice."""
+
+    def __init__(self, items: list, seed: int, salt: int):
+        self.items = items
+        self.seed = seed
+        self.salt = salt
+        self._cached_epoch: int | None = None
+        self._cached: list[int] = []
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if self._cached_epoch != epoch:
+            generator = step_generator(self.seed, epoch, "order", self.salt)
+            self._cached = torch.randperm(len(self.items), generator=generator).tolist()
+            self._cached_epoch = epoch
+        return self._cached
+
+    def micro_batch(self, batch_index: int, global_batch: int, accum_index: int, rank: int, num_processes: int,
+                    micro_size: int) -> list:
+        """Entries of micro-batch `accum_index` of rank `rank` within the task's `batch_index`-th global batch."""
+        start = batch_index * global_batch + (accum_index * num_processes + rank) * micro_size
+        entries = []
+        for position in range(start, start + micro_size):
+            epoch, offset = divmod(position, len(self.items))
+            entries.append(self.items[self._permutation(epoch)[offset]])
+        return entries
+
+
+def check_batch_sizes(config: Config, num_processes: int) -> dict[str, int]:
+    """Per-rank micro-batch size of each task; global batches must split evenly over accumulation and ranks."""
+    sizes = {}
+    accum = config.train.gradient_accumulation
+    for task, global_batch in ((IDENTITY, config.train.identity_batch), (VIDEO, config.train.video_batch)):
+        if global_batch % (accum * num_processes):
+            raise ConfigError(
+                f"train.{task}_batch={global_batch} must be divisible by train.gradient_accumulation ({accum}) "
+                f"x processes ({num_processes})"
+            )
+        sizes[task] = global_batch // (accum * num_processes)
+    return sizes

@@ -1,0 +1,31 @@
+"""`export`: a checkpoint's adapter -> a standalone LoRA file (core writer: atomic, diffusers-loadable)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sdvgen_core.lora import DEFAULT_ADAPTER, make_lora_config, read_lora_file, save_lora
+from sdvgen_core.pipeline import resolve_dtype
+
+from .config import Config
+from .models import load_transformer
+from .trainer import ADAPTER_FILE, LORA_FILE, find_checkpoint, load_adapter
+
+logger = logging.getLogger(__name__)
+
+
+def run_export(config: Config, checkpoint: str, output: str, dtype: str) -> Path:
+    """Write the LoRA of `checkpoint` (a folder or `latest` in `train.output_dir`) to `output` in `dtype`."""
+    folder = find_checkpoint(Path(config.train.output_dir), checkpoint)
+    if folder is None:
+        raise FileNotFoundError(f"no checkpoint in {config.train.output_dir!r}/checkpoints")
+    _, header = read_lora_file(folder / LORA_FILE)
+    transformer = load_transformer(config.model.path, config.model.dtype)
+    lora = config.lora
+    transformer.add_adapter(make_lora_config(lora.rank, lora.alpha, 0.0, lora.target_modules), adapter_name=DEFAULT_ADAPTER)
+    load_adapter(transformer, folder / ADAPTER_FILE)
+    extra = {k: v for k, v in header.items() if k.startswith("sdvgen.")}
+    path = save_lora(transformer, output, adapter_name=DEFAULT_ADAPTER, dtype=resolve_dtype(dtype), extra_metadata=extra)
+    logger.info("exported %s -> %s (%s)", folder, path, dtype)
+    return path

@@ -1,0 +1,199 @@
+"""`prepare`: encode every training item once (VAE latent statistics, T5 embeddings) into a safetensors cache.
+
+Layout of `data.cache_dir`:
+    meta.json                   sizes, VAE scaling factor, `<cls>` wiring; `train` checks it against its config
+    identity/<key>.safetensors  view{0,1}.mean/.std `[C, h+2j, w+2j]` (j = jitter margin in latent pixels),
+                                text.{0,1} `[226, D]` (caption of view i as the target; absent if never a target)
+    video/<key>.safetensors     video.mean/.std `[T, C, h, w]`; frames.mean/.std `[F, C, h, w]` (every frame
+                                encoded alone as a 1-frame video, so `train` can pick a random reference frame);
+                                text `[226, D]`
+    report-rank<r>.json         skipped inputs by reason
+
+The latent *distribution* (mean, std) is stored, not a sample: `train` draws a fresh sample every step, as
+encoding on the fly would. Items are split round-robin across ranks; finished files are skipped, so an
+interrupted run resumes where it stopped. Files are written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import av
+import torch
+from accelerate import Accelerator
+from einops import rearrange
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from sdvgen_core.pipeline import resolve_dtype
+from sdvgen_core.prompts import encode_prompts
+from sdvgen_core.reference import FitMode, fit_to_size, image_to_tensor
+
+from .config import Config
+from .data import (
+    ClipTooShort,
+    DataError,
+    Shard,
+    SkipCounter,
+    decode_clip,
+    identity_records,
+    load_identity_views,
+    video_files,
+    video_records,
+)
+from .models import flush_subnormals_on_cpu, load_text_encoder, load_vae
+
+logger = logging.getLogger(__name__)
+
+META_FILE = "meta.json"
+FRAME_ENCODE_CHUNK = 8
+
+
+def cache_meta(config: Config) -> dict:
+    """The settings a cache was built with; `train` refuses a cache built differently."""
+    data = config.data
+    return {
+        "model": str(Path(config.model.path).resolve()),
+        "height": data.height,
+        "width": data.width,
+        "jitter_px": data.identity.jitter_px,
+        "fps": data.video.fps,
+        "num_frames": data.video.num_frames,
+    }
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class Encoder:
+    """VAE and T5 on the accelerator, producing cache tensors."""
+
+    def __init__(self, config: Config, device: torch.device):
+        self.device = device
+        self.store_dtype = resolve_dtype(config.data.cache_dtype)
+        self.vae = load_vae(config.model.path, config.model.dtype).to(device)
+        if config.model.vae_tiling:
+            self.vae.enable_slicing()
+            self.vae.enable_tiling()
+        self.tokenizer, text_encoder, self.cls_info = load_text_encoder(config.model.path, config.model.dtype)
+        self.text_encoder = text_encoder.to(device)
+
+    @torch.no_grad()
+    def latent_stats(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[B, T, 3, H, W]` in 0..1 -> latent mean and std, each `[B, t, C, h, w]`."""
+        pixels = rearrange(video * 2.0 - 1.0, "b t c h w -> b c t h w").to(self.device, self.vae.dtype)
+        dist = self.vae.encode(pixels).latent_dist
+        return tuple(rearrange(x, "b c t h w -> b t c h w").to("cpu", self.store_dtype) for x in (dist.mean, dist.std))
+
+    @torch.no_grad()
+    def text(self, prompts: list[str]) -> torch.Tensor:
+        embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts, self.device, self.text_encoder.dtype)
+        return embeds.to("cpu", self.store_dtype)
+
+
+def encode_identity(encoder: Encoder, record, config: Config) -> dict[str, torch.Tensor]:
+    margin = config.data.identity.jitter_px
+    height, width = config.data.height + 2 * margin, config.data.width + 2 * margin
+    views = load_identity_views(record)
+    pixels = torch.cat([fit_to_size(image_to_tensor(v)[0], height, width, FitMode.CROP) for v in views])
+    mean, std = encoder.latent_stats(pixels.clamp(0, 1)[:, None])
+    tensors = {}
+    for view in (0, 1):
+        tensors[f"view{view}.mean"], tensors[f"view{view}.std"] = mean[view, 0], std[view, 0]
+    targets = [i for i, caption in enumerate(record.captions) if caption is not None]
+    embeds = encoder.text([record.captions[i] for i in targets])
+    for i, embed in zip(targets, embeds):
+        tensors[f"text.{i}"] = embed
+    return tensors
+
+
+def encode_video(encoder: Encoder, record, config: Config) -> dict[str, torch.Tensor]:
+    video_config = config.data.video
+    frames = decode_clip(record.path, video_config.fps, video_config.num_frames, config.data.height, config.data.width)
+    video_mean, video_std = encoder.latent_stats(frames[None])
+    frame_means, frame_stds = [], []
+    for chunk in frames.split(FRAME_ENCODE_CHUNK):
+        mean, std = encoder.latent_stats(chunk[:, None])
+        frame_means.append(mean[:, 0])
+        frame_stds.append(std[:, 0])
+    return {
+        "video.mean": video_mean[0], "video.std": video_std[0],
+        "frames.mean": torch.cat(frame_means), "frames.std": torch.cat(frame_stds),
+        "text": encoder.text([record.caption])[0],
+    }
+
+
+def check_video_set_nonempty(config: Config, count: int, where: str) -> None:
+    if config.video_steps_possible and count == 0:
+        raise DataError(
+            f"no usable video clips {where}, but video steps are on (task.p_video={config.task.p_video}, "
+            f"task.schedule={config.task.schedule}); add clips under data.video.folders (with captions) or set "
+            f"task.p_video=0 for image-only training"
+        )
+
+
+def run_prepare(config: Config) -> dict[str, int]:
+    """Fill the cache; returns the summed skip counts (main process)."""
+    accelerator = Accelerator()  # only for ranks and barriers: the encoders run in model.dtype
+    cache = Path(config.data.cache_dir)
+    for sub in ("identity", "video"):
+        (cache / sub).mkdir(parents=True, exist_ok=True)
+    check_video_set_nonempty(config, len(video_files(config.data.video)), f"in {config.data.video.folders}")
+    flush_subnormals_on_cpu(accelerator.device)
+    encoder = Encoder(config, accelerator.device)
+
+    skips = SkipCounter()
+    shard = Shard(accelerator.process_index, accelerator.num_processes)
+    # Streamed, never listed: a Subjects200K record holds its composite image in memory.
+    jobs = itertools.chain(
+        (("identity", r, encode_identity) for r in identity_records(config.data.identity, skips, shard)),
+        (("video", r, encode_video) for r in video_records(config.data.video, skips, shard)),
+    )
+    done = 0
+    for kind, record, encode in tqdm(jobs, desc="prepare", unit="item", disable=not accelerator.is_local_main_process):
+        path = cache / kind / f"{record.key}.safetensors"
+        if path.exists():
+            done += 1
+            continue
+        try:
+            tensors = encode(encoder, record, config)
+        except ClipTooShort as error:
+            skips.skip("clip too short", record.key, error)
+            continue
+        except (OSError, ValueError, av.FFmpegError) as error:
+            skips.skip(f"unreadable {kind}", record.key, error)
+            continue
+        captions = getattr(record, "captions", None) or [record.caption]
+        write_safetensors(tensors, path, {"key": record.key, "captions": json.dumps(list(captions))})
+    (cache / f"report-rank{accelerator.process_index}.json").write_text(json.dumps(dict(skips), indent=2))
+    accelerator.wait_for_everyone()
+
+    total = SkipCounter()
+    if accelerator.is_main_process:
+        for rank in range(accelerator.num_processes):  # not a glob: an earlier run may have had more ranks
+            total.update(json.loads((cache / f"report-rank{rank}.json").read_text()))
+        meta = cache_meta(config) | {
+            "scaling_factor": encoder.vae.config.scaling_factor,
+            "cls": encoder.cls_info.as_metadata(),
+        }
+        (cache / META_FILE).write_text(json.dumps(meta, indent=2))
+        counts = {kind: len(list((cache / kind).glob("*.safetensors"))) for kind in ("identity", "video")}
+        logger.info("cache %s: %d identity items, %d videos (%d already done); skipped %s",
+                    cache, counts["identity"], counts["video"], done, dict(total) or "nothing")
+        check_video_set_nonempty(config, counts["video"], f"in the cache {str(cache)!r} after decoding")
+    accelerator.wait_for_everyone()
+    return dict(total)
+

@@ -1,0 +1,468 @@
+"""`train`: the dual-task LoRA fine-tuning loop (paper, appendix A) on a prepared cache.
+
+One optimizer step trains one task, drawn identically on every rank: a video (I2V) step with probability
+`task.p_video`, else an identity step. Each step runs `train.gradient_accumulation` micro-batches whose
+per-rank size makes the task's global batch (256 images / 32 clips in the paper).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from sdvgen_core.lora import DEFAULT_ADAPTER, make_lora_config, save_lora
+from sdvgen_core.pipeline import resolve_dtype
+
+from .batches import (
+    IDENTITY,
+    VIDEO,
+    Batch,
+    BatchStream,
+    StepRules,
+    TaskSampler,
+    TrainingCache,
+    check_batch_sizes,
+    step_generator,
+)
+from .config import Config, ConfigError, save_config
+from .models import flush_subnormals_on_cpu, load_scheduler, load_transformer
+from .monitor import FlatGradients, MonitorLog, PCGradBuffer, gradient_stats
+from .prepare import write_safetensors
+from .validation import Validator
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_FILE = "adapter.safetensors"  # unfolded fp32 PEFT weights, for exact resume
+LORA_FILE = "sdvgen_lora.safetensors"  # the exported LoRA (core writer: folded alpha, diffusers-loadable)
+STATE_FILE = "trainer_state.json"
+PCGRAD_FILE = "pcgrad_buffer.safetensors"
+CHECKPOINT_PREFIX = "step-"
+
+
+def v_prediction_loss(model, scheduler, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+    """diffusers' CogVideoX LoRA loss: v-prediction turned into an x0 estimate, weighted by 1 / (1 - alpha_bar_t)."""
+    latents = batch.latents
+    batch_size = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    timesteps = timesteps.to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    velocity = model(
+        hidden_states=noisy,
+        encoder_hidden_states=batch.text,
+        timestep=timesteps,
+        reference_latents=batch.reference,
+        reference_keep_indices=batch.keep_indices,
+        return_dict=False,
+    )[0]
+    predicted_latents = scheduler.get_velocity(velocity.float(), noisy.float(), timesteps)
+    alphas_cumprod = scheduler.alphas_cumprod.to(latents.device)[timesteps]
+    weights = (1.0 / (1.0 - alphas_cumprod)).view(batch_size, *([1] * (latents.ndim - 1)))
+    return (weights * (predicted_latents - latents.float()) ** 2).reshape(batch_size, -1).mean(dim=1).mean()
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint needs beyond accelerate's state: the step and how many batches each task consumed."""
+
+    step: int = 0
+    batches: dict[str, int] = field(default_factory=lambda: {IDENTITY: 0, VIDEO: 0})
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"step": self.step, "batches": self.batches}))
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainerState":
+        data = json.loads(path.read_text())
+        return cls(step=int(data["step"]), batches={k: int(v) for k, v in data["batches"].items()})
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # second signal: give up waiting
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("signal %d: saving a checkpoint after this step, then stopping", signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def find_checkpoint(output_dir: Path, which: str) -> Path | None:
+    """`latest` -> the newest complete checkpoint (or None); otherwise the named folder."""
+    if which != "latest":
+        path = Path(which)
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"{str(path)!r} is not a checkpoint folder (no {STATE_FILE})")
+        return path
+    checkpoints = sorted((output_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*[0-9]"))
+    complete = [c for c in checkpoints if (c / STATE_FILE).is_file()]
+    return complete[-1] if complete else None
+
+
+def lora_metadata(config: Config, cls_metadata: dict[str, str], step: int) -> dict[str, str]:
+    recipe = {k: config.to_dict()[k] for k in ("lora", "task", "optim", "train")}
+    return {
+        "sdvgen.base_model": Path(config.model.path).name,
+        "sdvgen.train_step": str(step),
+        "sdvgen.recipe": json.dumps(recipe, sort_keys=True),
+        **cls_metadata,
+    }
+
+
+class Trainer:
+    def __init__(self, config: Config):
+        config.validate()
+        self.config = config
+        train = config.train
+        self.output_dir = Path(train.output_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=train.mixed_precision,
+            gradient_accumulation_steps=train.gradient_accumulation,
+            log_with="tensorboard",
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+        )
+        self.distributed = self.accelerator.distributed_type
+        self._check_launch()
+        flush_subnormals_on_cpu(self.accelerator.device)
+        if train.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.micro_sizes = check_batch_sizes(config, self.accelerator.num_processes)
+        self.cache = TrainingCache(config)
+        self.tasks = TaskSampler(config)
+        self.rules = StepRules.from_config(config)
+        self.streams = {IDENTITY: BatchStream(self.cache.identity, train.seed, 0),
+                        VIDEO: BatchStream(self.cache.video, train.seed, 1)}
+        self.state = TrainerState()
+
+        set_seed(train.seed)  # the LoRA's initial weights depend only on the seed
+        self.weight_dtype = resolve_dtype(config.model.dtype)
+        transformer = load_transformer(config.model.path, config.model.dtype)
+        lora = config.lora
+        transformer.add_adapter(make_lora_config(lora.rank, lora.alpha, lora.dropout, lora.target_modules),
+                                adapter_name=DEFAULT_ADAPTER)
+        for param in transformer.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()  # trainable LoRA weights stay fp32 under bf16 autocast
+        if train.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        self.noise_scheduler = load_scheduler(config.model.path)
+        params = [p for p in transformer.parameters() if p.requires_grad]
+        optim = config.optim
+        optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
+                                      eps=optim.eps)
+        processes = self.accelerator.num_processes  # the prepared scheduler steps once per process
+        lr_scheduler = get_scheduler(
+            optim.scheduler, optimizer, num_warmup_steps=optim.warmup_steps * processes,
+            num_training_steps=train.max_steps * processes, num_cycles=optim.num_cycles,
+        )
+        if self.distributed == DistributedType.DEEPSPEED:
+            # No dataloader to infer it from; the real per-task micro-batches vary, DeepSpeed only checks this.
+            ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            ds_config["train_micro_batch_size_per_gpu"] = 1
+            ds_config["gradient_clipping"] = optim.max_grad_norm
+        self.accelerator.register_save_state_pre_hook(self._save_adapter_hook)
+        self.accelerator.register_load_state_pre_hook(self._load_adapter_hook)
+        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(transformer, optimizer, lr_scheduler)
+        self.flat = FlatGradients(self.unwrapped)
+        self.pcgrad = PCGradBuffer(config.monitor.pcgrad_buffer) if config.monitor.pcgrad else None
+        self.validator = Validator(config) if config.validation.every else None
+        self.monitor_log = MonitorLog(self.output_dir)
+
+    def _check_launch(self) -> None:
+        """Refuse settings the chosen distributed backend cannot honour, before anything is loaded."""
+        config = self.config
+        if self.distributed == DistributedType.FSDP and config.model.dtype != "fp32":
+            raise ConfigError(
+                "FSDP flattens frozen and LoRA weights together, which needs one dtype: set model.dtype=fp32 "
+                "(FSDP's bf16 mixed precision still computes in bf16; the fp32 weights are sharded across GPUs)"
+            )
+        local = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+        if (config.monitor.every or config.monitor.pcgrad) and self.distributed not in local:
+            raise ConfigError("the gradient monitor and PCGrad need each rank's full gradients: launch single-process "
+                              "or DDP (training/accelerate/multi_gpu.yaml), not DeepSpeed/FSDP")
+        if config.validation.every and self.distributed == DistributedType.FSDP:
+            raise ConfigError("validation videos need the whole transformer on one GPU: not available under FSDP")
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    # --- checkpoints -------------------------------------------------------------------------------------
+
+    def _full_params(self):
+        """Under FSDP, gather the full weights on rank 0 (collective: every rank must enter)."""
+        if self.distributed == DistributedType.FSDP:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            return FullyShardedDataParallel.summon_full_params(
+                self.model, writeback=False, rank0_only=True, offload_to_cpu=True
+            )
+        return contextlib.nullcontext()
+
+    def _save_adapter_hook(self, models, weights, output_dir):
+        with self._full_params():
+            if self.accelerator.is_main_process:
+                state = get_peft_model_state_dict(self.unwrapped, adapter_name=DEFAULT_ADAPTER)
+                write_safetensors({k: v.float() for k, v in state.items()}, Path(output_dir) / ADAPTER_FILE, {})
+        weights.clear()  # single/DDP: the frozen base model is never written into checkpoints
+
+    def _load_adapter_hook(self, models, input_dir):
+        # DeepSpeed and FSDP restore the module from their own checkpoint files; `models` holds the rest.
+        if models:
+            models.clear()
+            load_adapter(self.unwrapped, Path(input_dir) / ADAPTER_FILE)
+
+    def save_checkpoint(self) -> Path:
+        """accelerate state (optimizer, scheduler, RNG) + adapter + trainer state + exported LoRA, atomically."""
+        final = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.state.step:06d}"
+        staging = final.with_name(final.name + ".partial")
+        if self.accelerator.is_main_process and staging.exists():
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        # DeepSpeed would otherwise write the frozen 5B weights into every checkpoint
+        frozen = {"exclude_frozen_parameters": True} if self.distributed == DistributedType.DEEPSPEED else {}
+        self.accelerator.save_state(str(staging), **frozen)
+        self.export_lora(staging / LORA_FILE)
+        if self.accelerator.is_main_process:
+            if self.pcgrad is not None:
+                write_safetensors(self.pcgrad.state_tensors(), staging / PCGRAD_FILE, {})
+            self.state.save(staging / STATE_FILE)
+            if final.exists():
+                shutil.rmtree(final)
+            staging.rename(final)
+            self._prune_checkpoints()
+            logger.info("checkpoint %s", final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _prune_checkpoints(self) -> None:
+        keep = self.config.train.keep_checkpoints
+        if keep:
+            for old in sorted((self.output_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*[0-9]"))[:-keep]:
+                shutil.rmtree(old)
+
+    def resume(self, which: str) -> None:
+        checkpoint = find_checkpoint(self.output_dir, which)
+        if checkpoint is None:
+            logger.info("no checkpoint in %s: starting fresh", self.output_dir)
+            return
+        partial = {"load_module_strict": False} if self.distributed == DistributedType.DEEPSPEED else {}
+        self.accelerator.load_state(str(checkpoint), **partial)
+        self.state = TrainerState.load(checkpoint / STATE_FILE)
+        if self.pcgrad is not None and (checkpoint / PCGRAD_FILE).is_file():
+            self.pcgrad.load_tensors(load_file(checkpoint / PCGRAD_FILE), self.accelerator.device)
+        logger.info("resumed from %s at step %d", checkpoint, self.state.step)
+
+    def export_lora(self, path: Path) -> None:
+        """Write the LoRA file (main process; every rank must call this, FSDP gathers collectively)."""
+        metadata = lora_metadata(self.config, self.cache.meta["cls"], self.state.step)
+        with self._full_params():
+            if self.accelerator.is_main_process:
+                save_lora(self.unwrapped, path, adapter_name=DEFAULT_ADAPTER, extra_metadata=metadata)
+
+    # --- steps ---------------------------------------------------------------------------------------------
+
+    def _batch(self, task: str, batch_index: int, accum_index: int, rules: StepRules, generator) -> Batch:
+        accelerator = self.accelerator
+        global_batch = self.config.train.identity_batch if task == IDENTITY else self.config.train.video_batch
+        entries = self.streams[task].micro_batch(batch_index, global_batch, accum_index, accelerator.process_index,
+                                                 accelerator.num_processes, self.micro_sizes[task])
+        return self._to_device(self.cache.load(task, entries, generator, rules))
+
+    def _to_device(self, batch: Batch) -> Batch:
+        device, dtype = self.accelerator.device, self.weight_dtype
+        reference = None if batch.reference is None else batch.reference.to(device, dtype)
+        keep = None if batch.keep_indices is None else batch.keep_indices.to(device)
+        return Batch(batch.task, batch.latents.to(device, dtype), batch.text.to(device, dtype), reference, keep)
+
+    def train_step(self) -> tuple[str, float]:
+        """One optimizer step of the drawn task; returns (task, mean loss over ranks and micro-batches)."""
+        step = self.state.step
+        task = self.tasks.task(step)
+        accelerator = self.accelerator
+        losses = []
+        self.model.train()
+        for accum_index in range(self.config.train.gradient_accumulation):
+            # Seeded by the micro-batch's slot in the global batch: N ranks x A accumulation steps draw exactly
+            # what 1 rank x N*A steps would, and a resumed run draws what an uninterrupted one did.
+            slot = accum_index * accelerator.num_processes + accelerator.process_index
+            generator = step_generator(self.config.train.seed, step, "sample", slot)
+            torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))  # LoRA dropout masks
+            batch = self._batch(task, self.state.batches[task], accum_index, self.rules, generator)
+            with accelerator.accumulate(self.model):
+                loss = v_prediction_loss(self.model, self.noise_scheduler, batch, generator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    self._before_update(task)
+                    accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        self.state.batches[task] += 1
+        self.state.step += 1
+        return task, accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+
+    def _before_update(self, task: str) -> None:
+        """Buffered PCGrad on the synchronised (rank-averaged) gradient, identical on every rank."""
+        if self.pcgrad is None:
+            return
+        gradient = self.flat.read()
+        if task == IDENTITY:
+            self.pcgrad.push(gradient)
+            return
+        projected, changed = self.pcgrad.project(gradient)
+        if changed:
+            self.flat.write(projected)
+
+    # --- gradient monitor ----------------------------------------------------------------------------------
+
+    def task_gradient(self, task: str) -> torch.Tensor:
+        """Gradient of one task's loss on its fixed held-out batch, captured before any all-reduce (each
+        rank's local gradient, via `no_sync`) and then averaged across ranks. Leaves no gradient behind."""
+        rules = StepRules.from_config(self.config, view_drop=False)
+        held = self.cache.held_identity if task == IDENTITY else self.cache.held_video
+        size = self.config.monitor.identity_batch if task == IDENTITY else self.config.monitor.video_batch
+        rank = self.accelerator.process_index
+        entries = BatchStream(held, self.config.train.seed, 2).micro_batch(0, size * self.accelerator.num_processes,
+                                                                           0, rank, self.accelerator.num_processes, size)
+        generator = step_generator(self.config.train.seed, 0, "sample", 1 << 20, rank)  # fixed over training
+        batch = self._to_device(self.cache.load(task, entries, generator, rules))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.eval()  # no LoRA dropout: the measurement depends only on the weights
+        with self.accelerator.no_sync(self.model):
+            loss = v_prediction_loss(self.model, self.noise_scheduler, batch, generator)
+            loss.backward()
+        local = self.flat.read()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.accelerator.reduce(local, reduction="mean")
+
+    def measure_gradients(self) -> dict[str, float]:
+        g_identity = self.task_gradient(IDENTITY)
+        g_video = self.task_gradient(VIDEO)
+        return gradient_stats(self.flat, g_identity.cpu(), g_video.cpu())
+
+    # --- loop ---------------------------------------------------------------------------------------------
+
+    def train(self) -> Path:
+        config, accelerator = self.config, self.accelerator
+        if config.train.resume:
+            self.resume(config.train.resume)
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.output_dir / "config.yaml")
+        accelerator.init_trackers("sdvgen")
+        csv_log = TrainLog(self.output_dir / "train_log.csv") if accelerator.is_main_process else None
+        progress = tqdm(total=config.train.max_steps, initial=self.state.step, desc="train",
+                        disable=not accelerator.is_local_main_process)
+        stopped = False
+        with StopRequest() as stop:
+            while self.state.step < config.train.max_steps:
+                if config.monitor.every and self.state.step % config.monitor.every == 0:
+                    self._log_monitor()
+                started = time.perf_counter()
+                task, loss = self.train_step()
+                if not math.isfinite(loss):
+                    self.save_checkpoint()
+                    raise FloatingPointError(f"loss became {loss} at step {self.state.step}; last checkpoint saved")
+                record = {"loss": loss, f"loss/{task}": loss, "task_video": float(task == VIDEO),
+                          "lr": self.lr_scheduler.get_last_lr()[0], "step_seconds": time.perf_counter() - started}
+                if self.state.step % config.train.log_every == 0:
+                    accelerator.log(record, step=self.state.step)
+                    if csv_log is not None:
+                        csv_log.append(self.state.step, task, record)
+                progress.update(1)
+                progress.set_postfix(task=task, loss=f"{loss:.4f}")
+                every = config.train.checkpoint_every
+                stopped = self._stop_agreed(stop.requested)
+                last = self.state.step == config.train.max_steps
+                if (every and self.state.step % every == 0) or stopped or last:
+                    checkpoint = self.save_checkpoint()
+                if self.validator is not None and self.state.step % config.validation.every == 0:
+                    self._validate()
+                if stopped:
+                    logger.warning("stopped at step %d; resume with train.resume=latest", self.state.step)
+                    break
+        progress.close()
+        accelerator.end_training()
+        if stopped:
+            return checkpoint / LORA_FILE
+        final = self.output_dir / LORA_FILE
+        self.export_lora(final)
+        logger.info("LoRA written to %s", final)
+        return final
+
+    def _validate(self) -> None:
+        if self.accelerator.is_main_process:
+            self.validator.run(self.unwrapped, self.state.step, self.output_dir, self.accelerator.device)
+        self.accelerator.wait_for_everyone()
+
+    def _stop_agreed(self, requested: bool) -> bool:
+        """All ranks stop at the same step if any of them got a signal (checkpointing is collective)."""
+        flag = torch.tensor(float(requested), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def _log_monitor(self) -> None:
+        stats = self.measure_gradients()
+        self.accelerator.log({f"grad/{k}": v for k, v in stats.items()}, step=self.state.step)
+        if self.accelerator.is_main_process:
+            self.monitor_log.append(self.state.step, stats)
+
+
+class TrainLog:
+    """train_log.csv: one row per logged step."""
+
+    FIELDS = ("step", "task", "loss", "lr", "step_seconds")
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, step: int, task: str, record: dict) -> None:
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(self.FIELDS)
+            writer.writerow([step, task, record["loss"], record["lr"], record["step_seconds"]])
+
+
+def load_adapter(transformer, path: Path) -> None:
+    """Load unfolded PEFT adapter weights written by a checkpoint."""
+    result = set_peft_model_state_dict(transformer, load_file(path), adapter_name=DEFAULT_ADAPTER)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"{str(path)!r} does not match this LoRA setup (unexpected {unexpected[:1]})")
+
+
+def run_train(config: Config) -> Path:
+    return Trainer(config).train()

@@ -1,0 +1,71 @@
+"""Validation videos: the training transformer (with its current LoRA) sampled on fixed references and prompts.
+
+The VAE and T5 are loaded on the first run, kept on the CPU between runs and moved to the device only
+while sampling, so training memory is untouched except during validation (T5-XXL needs ~9.5 GB in bf16).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from sdvgen_core.pipeline import SDVGenPipeline
+from sdvgen_core.video import write_mp4
+
+from .config import Config
+from .data import DataError
+from .models import load_scheduler, load_text_encoder, load_vae
+
+logger = logging.getLogger(__name__)
+
+
+class Validator:
+    def __init__(self, config: Config):
+        self.config = config
+        self.references = []
+        for path in config.validation.references:
+            try:
+                with Image.open(path) as image:
+                    self.references.append(image.convert("RGB"))
+            except OSError as error:
+                raise DataError(f"validation reference {path!r} cannot be read: {error}") from None
+        self._parts = None
+
+    def _load_parts(self):
+        if self._parts is None:
+            model = self.config.model
+            tokenizer, text_encoder, _ = load_text_encoder(model.path, model.dtype)
+            self._parts = (tokenizer, text_encoder, load_vae(model.path, model.dtype), load_scheduler(model.path))
+        return self._parts
+
+    def run(self, transformer, step: int, output_dir: Path, device: torch.device) -> list[Path]:
+        """Sample one video per (reference, prompt) with a fixed seed; returns the mp4 paths."""
+        tokenizer, text_encoder, vae, scheduler = self._load_parts()
+        settings, data = self.config.validation, self.config.data
+        was_training = transformer.training
+        transformer.eval()
+        text_encoder.to(device)
+        vae.to(device)
+        written = []
+        try:
+            pipe = SDVGenPipeline(tokenizer, text_encoder, vae, transformer, scheduler)
+            for index, (reference, prompt) in enumerate(zip(self.references, settings.prompts)):
+                generator = torch.Generator(device="cpu").manual_seed(settings.seed + index)
+                frames = pipe(
+                    prompt, reference_image=reference, height=data.height, width=data.width,
+                    num_frames=settings.num_frames, num_inference_steps=settings.num_inference_steps,
+                    guidance_scale=settings.guidance_scale, generator=generator,
+                ).frames[0]
+                path = output_dir / "validation" / f"step-{step:06d}-ref{index}.mp4"
+                written.append(write_mp4(frames, path, fps=int(data.video.fps)))
+        finally:
+            text_encoder.to("cpu")
+            vae.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            transformer.train(was_training)
+        logger.info("validation videos: %s", ", ".join(str(p) for p in written))
+        return written
