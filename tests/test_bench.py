@@ -20,6 +20,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
                                    "--warmup", "0", "--repeats", "1"], "reference_overhead_tiny_cpu"),
         ("generation.py", ["--model", "tiny", "--frames", "5", "--height", "32", "--width", "48", "--steps", "1",
                            "--lora-rank", "4"], "generation_tiny_cpu"),
+        ("train_steps.py", ["--model", "tiny", "--frames", "5", "--height", "32", "--width", "48", "--lora-rank", "4",
+                            "--warmup", "0", "--repeats", "1", "--clips", "1"], "training_steps_tiny_cpu"),
     ],
 )
 def test_bench_script_writes_results(tmp_path, script, args, name):
