@@ -11,6 +11,7 @@ trainable, gradient checkpointing on, one identity pair or one clip per micro-ba
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -168,7 +169,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         from training.data import decode_clip
 
-        clips = write_clips(Path(folder), args.clips, frames=72, height=360, width=640)
+        source_frames = math.ceil(args.frames * 24 / 8) + 3  # enough 24 fps frames for `frames` at 8 fps
+        clips = write_clips(Path(folder), args.clips, frames=source_frames, height=360, width=640)
         start = time.perf_counter()
         for clip in clips:
             decode_clip(clip, fps=8, num_frames=args.frames, height=args.height, width=args.width)
