@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import LoraLoadError
+from .files import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -283,13 +283,6 @@ def save_lora(
         "sdvgen.num_modules": str(len(ranks)),
     }
     metadata.update({k: str(v) for k, v in (extra_metadata or {}).items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_output(path) as tmp_name:
         save_file(tensors, tmp_name, metadata=metadata)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
     return path

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
+
+from .files import atomic_output
 
 
 def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
@@ -18,12 +19,8 @@ def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
 
 def write_mp4(frames: torch.Tensor, path: str | os.PathLike, fps: int = 8, crf: int = 18) -> Path:
     """Encode `[T, 3, H, W]` frames (0..1) as H.264 mp4; written to a temporary file first, then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     pixels = frames_to_uint8(frames)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_output(path) as tmp_name:
         with av.open(tmp_name, mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=fps)
             stream.width, stream.height = pixels.shape[2], pixels.shape[1]
@@ -32,8 +29,4 @@ def write_mp4(frames: torch.Tensor, path: str | os.PathLike, fps: int = 8, crf: 
             for pixel_frame in pixels:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(pixel_frame, format="rgb24")))
             container.mux(stream.encode())
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    return path
+    return Path(path)

@@ -77,3 +77,20 @@ def test_tiny_model_command_writes_a_loadable_folder(tmp_path):
     assert main(["tiny-model", str(tmp_path / "CogVideoX-tiny")]) == 0
     pipe = SDVGenPipeline.from_model_dir(tmp_path / "CogVideoX-tiny", dtype="fp32")
     assert pipe.cls_info.row == "existing"
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    import os
+
+    import torch
+
+    from sdvgen_core.video import write_mp4
+
+    umask = os.umask(0o022)
+    try:
+        path = write_mp4(torch.rand(5, 3, 32, 48), tmp_path / "clip.mp4")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert probe(path) == (5, (32, 48, 3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]  # no temporary file left

@@ -19,8 +19,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import av
@@ -30,6 +28,7 @@ from einops import rearrange
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from sdvgen_core.files import atomic_output
 from sdvgen_core.pipeline import resolve_dtype
 from sdvgen_core.prompts import encode_prompts
 from sdvgen_core.reference import FitMode, fit_to_size, image_to_tensor
@@ -68,14 +67,8 @@ def cache_meta(config: Config) -> dict:
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_output(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class Encoder:
