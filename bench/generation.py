@@ -90,10 +90,10 @@ def main() -> None:
     pipe.set_memory_mode("on_device", device)
     with tempfile.TemporaryDirectory() as folder:
         lora = write_random_lora(pipe, Path(folder) / "lora.safetensors", args.lora_rank)
-        pipe.load_lora(lora, fuse=False)
+        pipe.set_lora(lora, fuse=False)
         generate(tiled=True)
         unfused = generate(tiled=True)
-        pipe.load_lora(lora, fuse=True)
+        pipe.set_lora(lora, fuse=True)
         fused = generate(tiled=True)
     base = float(rows[1]["sampling s"])
     for label, timing in (("LoRA unfused", unfused), ("LoRA fused", fused)):

@@ -88,6 +88,20 @@ def torch_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def default_precision(device) -> str:
+    """bf16 where the device does it well, else fp16 on an accelerator, else fp32 (ComfyUI's judgement when hosted)."""
+    import torch
+
+    model_management = comfy_module("comfy.model_management")
+    if model_management is not None:
+        if model_management.should_use_bf16(device):
+            return "bf16"
+        return "fp16" if model_management.should_use_fp16(device) else "fp32"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
 def free_host_memory(unload_models: bool = False) -> None:
     """Give cached device memory back; `unload_models` also evicts ComfyUI's own models (before a 5B load)."""
     model_management = comfy_module("comfy.model_management")

@@ -1,6 +1,6 @@
 """Load SDV LoRA: the CogVideoX-5B base model plus the SDV-Gen LoRA, shared between loaders.
 
-A 5B model is loaded once and kept: `PIPELINE_CACHE` holds one base model (folder + precision + device).
+A 5B model is loaded once and shared: `PIPELINE_CACHE` knows one base model (folder + precision + device).
 What a loader outputs is an `SDVGenModel`, a small handle with that loader's LoRA file, strength, fuse
 and memory mode; the sampling nodes apply a handle's settings to the shared pipeline right before they
 use it. So two loaders on the same base with different LoRA strengths (the comparison workflow) cost
@@ -9,12 +9,18 @@ one model in memory and still each sample with their own strength, whatever orde
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import gc
+import logging
+import weakref
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import host
-from .core import core_module, sdvgen_core
+from .core import sdvgen_core
+from .preview import fit_latent_to_rgb
 from .types import CATEGORY, MEMORY_MODES, NO_LORA, PIPE, PRECISIONS
+
+logger = logging.getLogger(__name__)
 
 RELEASED_LORA = "pytorch_lora_weights_transformer.safetensors"
 
@@ -34,50 +40,62 @@ class BaseSettings:
 
 
 class PipelineCache:
-    """The one loaded base model, with the LoRA settings and memory mode currently applied to it."""
+    """The loaded base model, with the LoRA settings and memory mode currently applied to it.
+
+    Only a weak reference: the strong ones are the `SDVGenModel` handles in ComfyUI's node-output cache.
+    So ComfyUI's "free model and node cache" (or a workflow no longer using the loader) releases the 5B
+    model, while loaders and samplers that still hold a handle keep sharing one copy.
+    """
 
     def __init__(self) -> None:
-        self.base: BaseSettings | None = None
-        self.pipeline = None
-        self.lora: LoraSettings | None = None
-        self.memory_mode: str | None = None
-        self.preview_factors = None  # latent -> RGB map fitted to this VAE, see preview.py
+        self.clear()
+
+    @property
+    def pipeline(self):
+        return self._pipeline() if self._pipeline is not None else None
 
     def load(self, base: BaseSettings):
         """The pipeline for `base`, loading it (and dropping the previous one) only when `base` changed."""
-        if base != self.base:
-            self.clear()
-            host.free_host_memory(unload_models=True)
-            self.pipeline = sdvgen_core.SDVGenPipeline.from_model_dir(base.model_dir, dtype=base.precision)
-            self.base = base
-        return self.pipeline
+        pipeline = self.pipeline
+        if pipeline is not None and base == self.base:
+            return pipeline
+        if pipeline is not None:
+            logger.warning("SDV-Gen: switching the base model to %s (%s); each switch reloads it from disk",
+                           base.model_dir, base.precision)
+        del pipeline
+        self.clear()
+        host.free_host_memory(unload_models=True)
+        pipeline = sdvgen_core.SDVGenPipeline.from_model_dir(base.model_dir, dtype=base.precision)
+        if host.preview_max_size():
+            # Fitted now, while the weights are on the CPU: mid-sampling it would push the transformer off the GPU.
+            self.preview_factors = fit_latent_to_rgb(pipeline.vae)
+        self._pipeline = weakref.ref(pipeline)
+        self.base = base
+        return pipeline
 
     def apply(self, lora: LoraSettings, memory_mode: str) -> None:
         """Make the loaded pipeline carry `lora` and be placed by `memory_mode`; unchanged settings cost nothing."""
-        pipeline, transformer = self.pipeline, self.pipeline.transformer
-        lora_module = core_module("lora")
-        adapter = lora_module.DEFAULT_ADAPTER
+        pipeline = self.pipeline
         if lora != self.lora:
-            previous, self.lora = self.lora, None  # unknown until applied: after a failure, re-apply in full
-            if lora_module.is_fused(transformer):
-                transformer.unfuse_lora()
-            if lora.path is None:
-                if adapter in getattr(transformer, "peft_config", {}):
-                    transformer.delete_adapters(adapter)
-                pipeline.lora_info = None
-            elif previous is not None and previous.path == lora.path:
-                lora_module.set_lora_strength(transformer, lora.strength)
-                if lora.fuse:
-                    transformer.fuse_lora(adapter_names=[adapter])
-            else:
-                pipeline.load_lora(lora.path, lora.strength, fuse=lora.fuse)
+            self.lora = None  # unknown until applied: after a failure, re-apply in full
+            pipeline.set_lora(lora.path, lora.strength, fuse=lora.fuse)
             self.lora = lora
         if memory_mode != self.memory_mode:
             pipeline.set_memory_mode(memory_mode, self.base.device)
             self.memory_mode = memory_mode
 
     def clear(self) -> None:
-        self.__init__()
+        """Forget the loaded model; its offload hooks are removed so that it can be freed at once."""
+        pipeline = self.pipeline if getattr(self, "_pipeline", None) is not None else None
+        if pipeline is not None:
+            pipeline.remove_all_hooks()  # accelerate's hooks form reference cycles that would delay the free
+        del pipeline
+        self._pipeline: weakref.ref | None = None
+        self.base: BaseSettings | None = None
+        self.lora: LoraSettings | None = None
+        self.memory_mode: str | None = None
+        self.preview_factors = None  # latent -> RGB map fitted to this VAE, see preview.py
+        gc.collect()
 
 
 PIPELINE_CACHE = PipelineCache()
@@ -85,17 +103,21 @@ PIPELINE_CACHE = PipelineCache()
 
 @dataclass(frozen=True)
 class SDVGenModel:
-    """What an SDVGEN_PIPE socket carries: a base model in `PIPELINE_CACHE` and one loader's LoRA settings."""
+    """What an SDVGEN_PIPE socket carries: a base model and one loader's LoRA settings.
+
+    `owner` keeps the shared pipeline alive while ComfyUI holds this output.
+    """
 
     base: BaseSettings
     lora: LoraSettings
     memory_mode: str
+    owner: object = field(default=None, compare=False, repr=False)
 
     def pipeline(self):
         """The shared pipeline with this handle's LoRA and memory mode applied (reloaded if another base replaced it)."""
-        PIPELINE_CACHE.load(self.base)
+        pipeline = PIPELINE_CACHE.load(self.base)
         PIPELINE_CACHE.apply(self.lora, self.memory_mode)
-        return PIPELINE_CACHE.pipeline
+        return pipeline
 
 
 def missing_model_message(name: str) -> str:
@@ -137,7 +159,8 @@ class LoadSDVLoRA:
                 }),
                 "precision": (PRECISIONS, {
                     "default": "auto",
-                    "tooltip": "Weights dtype. auto: bf16 on a GPU (as released), fp32 on the CPU.",
+                    "tooltip": "Weights dtype. auto: bf16 (as released) where the GPU supports it well, else fp16; "
+                               "fp32 on the CPU.",
                 }),
                 "memory_mode": (MEMORY_MODES, {
                     "default": "model_offload",
@@ -179,11 +202,11 @@ class LoadSDVLoRA:
                 raise sdvgen_core.LoraLoadError(missing_lora_message(lora))
         device = host.torch_device()
         if precision == "auto":
-            precision = "bf16" if device.type == "cuda" else "fp32"
+            precision = host.default_precision(device)
         handle = SDVGenModel(
             base=BaseSettings(model_dirs[model], precision, str(device)),
             lora=LoraSettings(lora_path, float(lora_strength), bool(fuse_lora)),
             memory_mode=memory_mode,
         )
-        handle.pipeline()  # load now: errors show on this node and the first sampler step is not a load
-        return (handle,)
+        # Load now, so errors show on this node and the first sampler step is not a load.
+        return (replace(handle, owner=handle.pipeline()),)

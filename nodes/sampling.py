@@ -41,7 +41,7 @@ class StepReporter:
             return
         preview = None
         if self.preview_size:
-            if PIPELINE_CACHE.preview_factors is None:
+            if PIPELINE_CACHE.preview_factors is None:  # loaded while previews were off
                 pipeline = PIPELINE_CACHE.pipeline
                 PIPELINE_CACHE.preview_factors = fit_latent_to_rgb(pipeline.vae, pipeline._execution_device)
             image = latent_preview(step.denoised, PIPELINE_CACHE.preview_factors, self.preview_size)
@@ -170,6 +170,7 @@ class SDVGenDecode:
 
     def decode(self, model, latent, tiled, tile_height, tile_width, tile_overlap):
         check_same_model(model, "the latent", latent)
+        host.throw_if_interrupted()  # a Cancel pressed as sampling ended stops before the long decode
         pipeline = model.pipeline()
         try:
             frames = pipeline.decode(

@@ -14,7 +14,7 @@ LATENT = "SDVGEN_LATENT"
 CATEGORY = "sdvgen"
 
 NO_LORA = "none"
-PRECISIONS = ["auto", "bf16", "fp16", "fp32"]  # auto: bf16 on a GPU, fp32 on the CPU
+PRECISIONS = ["auto", "bf16", "fp16", "fp32"]  # auto: see host.default_precision
 MEMORY_MODES = ["on_device", "model_offload", "sequential_offload"]  # sdvgen_core.MemoryMode
 FIT_MODES = ["crop", "pad", "stretch"]  # sdvgen_core.FitMode
 SCHEDULERS = ["ddim", "dpm"]  # sdvgen_core.pipeline.SCHEDULERS

@@ -28,7 +28,7 @@ from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
 from transformers import AutoTokenizer, T5EncoderModel
 
 from .errors import ModelLoadError, SDVGenError
-from .lora import DEFAULT_ADAPTER, LoraFileInfo, load_lora
+from .lora import DEFAULT_ADAPTER, LoraFileInfo, is_fused, load_lora
 from .prompts import ClsTokenInfo, add_cls_token, encode_prompts
 from .reference import FitMode, ImageInput, encode_reference, prepare_reference_image
 from .transformer import SDVGenTransformer3DModel
@@ -112,6 +112,7 @@ class SDVGenPipeline(CogVideoXPipeline):
         self.cls_info: ClsTokenInfo = add_cls_token(self.tokenizer, self.text_encoder)
         self.lora_info: LoraFileInfo | None = None
         self.memory_mode = MemoryMode.ON_DEVICE
+        self.memory_device: torch.device | None = None
 
     @classmethod
     def from_model_dir(
@@ -148,14 +149,38 @@ class SDVGenPipeline(CogVideoXPipeline):
             raise SDVGenError(f"scheduler {scheduler!r} is not one of {sorted(SCHEDULERS)}")
         pipe = cls(tokenizer, text_encoder, vae, transformer, scheduler_class.from_pretrained(root, subfolder="scheduler"))
         if lora_path is not None:
-            pipe.load_lora(lora_path, lora_strength, fuse=fuse_lora)
+            pipe.set_lora(lora_path, lora_strength, fuse=fuse_lora)
         return pipe
 
-    def load_lora(self, path: str | os.PathLike, strength: float = 1.0, fuse: bool = False) -> LoraFileInfo:
-        """Load (or replace) the SDV-Gen LoRA; `fuse` merges it into the weights for speed."""
-        self.lora_info = load_lora(self.transformer, path, strength=strength, adapter_name=DEFAULT_ADAPTER)
-        if fuse:
-            self.transformer.fuse_lora(adapter_names=[DEFAULT_ADAPTER])
+    def set_lora(
+        self, path: str | os.PathLike | None, strength: float = 1.0, fuse: bool = False
+    ) -> LoraFileInfo | None:
+        """Load the SDV-Gen LoRA (or replace it, or remove it with `path=None`) at `strength`; `fuse` merges it.
+
+        The same file again only changes strength and fusing. Safe under every memory mode: offload hooks
+        (sequential offload parks the weights on the meta device) are taken off while the weights change
+        and put back afterwards.
+        """
+        offloaded = self.memory_mode is not MemoryMode.ON_DEVICE
+        if offloaded:
+            self.remove_all_hooks()
+        try:
+            if is_fused(self.transformer):
+                self.transformer.unfuse_lora()
+            if path is None:
+                if DEFAULT_ADAPTER in getattr(self.transformer, "peft_config", {}):
+                    self.transformer.delete_adapters(DEFAULT_ADAPTER)
+                self.lora_info = None
+            elif self.lora_info is not None and Path(self.lora_info.path) == Path(path):
+                self.transformer.set_adapters([DEFAULT_ADAPTER], weights=[strength])
+            else:
+                self.lora_info = None  # until the new file is in: a failed load leaves no stale record
+                self.lora_info = load_lora(self.transformer, path, strength=strength, adapter_name=DEFAULT_ADAPTER)
+            if fuse and self.lora_info is not None:
+                self.transformer.fuse_lora(adapter_names=[DEFAULT_ADAPTER])
+        finally:
+            if offloaded:
+                self.set_memory_mode(self.memory_mode, self.memory_device)
         return self.lora_info
 
     def set_scheduler(self, name: str) -> None:
@@ -179,6 +204,7 @@ class SDVGenPipeline(CogVideoXPipeline):
         else:
             self.enable_sequential_cpu_offload(device=device)
         self.memory_mode = mode
+        self.memory_device = device
 
     def _get_t5_prompt_embeds(self, prompt=None, num_videos_per_prompt=1, max_sequence_length=226, device=None, dtype=None):
         prompt = [prompt] if isinstance(prompt, str) else prompt

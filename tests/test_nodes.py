@@ -162,8 +162,21 @@ def test_loading_again_reuses_the_model_and_loaders_share_one_base(models):
     second = load(strength=0.25)
     assert PIPELINE_CACHE.pipeline is pipe and second.pipeline() is pipe
     assert load(lora="none").pipeline().lora_info is None and PIPELINE_CACHE.pipeline is pipe
-    load(precision="bf16")
+    bf16 = load(precision="bf16")
     assert PIPELINE_CACHE.pipeline is not pipe and PIPELINE_CACHE.pipeline.transformer.dtype == torch.bfloat16
+    assert bf16.pipeline() is PIPELINE_CACHE.pipeline
+
+
+def test_model_is_freed_when_comfyui_drops_the_loader_outputs(models):
+    import gc
+    import weakref
+
+    handle = load(strength=1.0)
+    pipe = weakref.ref(PIPELINE_CACHE.pipeline)
+    del handle
+    gc.collect()
+    assert pipe() is None and PIPELINE_CACHE.pipeline is None  # only node outputs kept it alive
+    assert load(strength=1.0).pipeline() is PIPELINE_CACHE.pipeline  # and it loads again when asked
 
 
 def test_graph_equals_the_pipeline_called_by_hand(models):
@@ -289,6 +302,8 @@ def fake_host(monkeypatch):
         throw_exception_if_processing_interrupted=throw_exception_if_processing_interrupted,
         soft_empty_cache=lambda: setattr(record, "emptied", record.emptied + 1),
         unload_all_models=lambda: setattr(record, "unloaded", record.unloaded + 1),
+        should_use_bf16=lambda device=None, **_: device.type == "cuda",
+        should_use_fp16=lambda device=None, **_: device.type == "cuda",
     )
     cli_args = types.SimpleNamespace(
         LatentPreviewMethod=LatentPreviewMethod,

@@ -168,6 +168,33 @@ def test_offload_modes_use_diffusers_hooks_on_an_accelerator(tiny_model_dir, mon
     assert calls == [torch.device("cuda:1")] and pipe.memory_mode is MemoryMode(mode)
 
 
+@torch.no_grad()
+def test_set_lora_under_offload_restores_weights_and_reapplies_the_mode(tiny_model_dir, tmp_path, monkeypatch):
+    """Sequential offload parks weights on the meta device; a LoRA change must take the hooks off first."""
+    from accelerate import cpu_offload
+
+    from tiny_lora import write_tiny_lora
+
+    lora = write_tiny_lora(tiny_model_dir, tmp_path / "lora.safetensors")
+    expected = SDVGenPipeline.from_model_dir(tiny_model_dir, dtype="fp32", lora_path=lora, lora_strength=0.5)
+    pipe = SDVGenPipeline.from_model_dir(tiny_model_dir, dtype="fp32")
+    cpu_offload(pipe.transformer, execution_device=torch.device("cpu"))
+    assert next(pipe.transformer.parameters()).device.type == "meta"
+    pipe.memory_mode, pipe.memory_device = MemoryMode.SEQUENTIAL_OFFLOAD, torch.device("cpu")
+    reapplied = []
+    monkeypatch.setattr(pipe, "set_memory_mode", lambda mode, device: reapplied.append((mode, device)))
+
+    pipe.set_lora(lora, strength=0.5)
+    assert reapplied == [(MemoryMode.SEQUENTIAL_OFFLOAD, torch.device("cpu"))]
+    assert all(p.device.type == "cpu" for p in pipe.transformer.parameters())
+    video, text = torch.randn(1, 2, 16, 6, 8), torch.randn(1, 226, 32)
+    reference, t = torch.randn(1, 1, 16, 6, 8), torch.tensor([400])
+    torch.testing.assert_close(pipe.transformer(video, text, t, reference_latents=reference).sample,
+                               expected.transformer(video, text, t, reference_latents=reference).sample)
+    pipe.set_lora(None)
+    assert pipe.lora_info is None and "sdvgen" not in getattr(pipe.transformer, "peft_config", {})
+
+
 def test_sliced_decode_equals_plain(tiny_pipe):
     latents = torch.cat([run(tiny_pipe, output_type="latent", seed=s).latents for s in (1, 2)])
     plain = tiny_pipe.decode(latents)
