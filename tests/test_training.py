@@ -87,6 +87,9 @@ def test_prepare_caches_and_skips_bad_inputs(demo, tiny_model_dir):
     run_prepare(config_for(demo, tiny_model_dir, "prepare"))
     assert videos[0].is_file()
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != videos[0])
+    # a cache made with other settings is refused, not silently mixed
+    with pytest.raises(DataError, match=r"prepared with other settings \(height"):
+        run_prepare(config_for(demo, tiny_model_dir, "prepare", "data.height=48"))
 
 
 def test_empty_video_set_fails_before_work(tmp_path, tiny_model_dir, demo):
@@ -199,8 +202,38 @@ def test_signal_checkpoint_and_exact_resume(demo, tiny_model_dir):
     assert (root / "resumed" / "grad_monitor.png").stat().st_size > 1000
 
 
+def test_nonfinite_loss_keeps_the_good_checkpoint(demo, tiny_model_dir):
+    root, _ = demo
+    trainer = Trainer(config_for(demo, tiny_model_dir, "nan", *RUN_OVERRIDES, "train.checkpoint_every=1",
+                                 "train.keep_checkpoints=1"))
+    step = trainer.train_step
+
+    def poisoned():
+        task, loss = step()
+        return task, (float("nan") if trainer.state.step == 3 else loss)
+
+    trainer.train_step = poisoned
+    with pytest.raises(FloatingPointError, match=r"step-000002.*train.resume=latest"):
+        trainer.train()
+    assert [p.name for p in (root / "nan" / "checkpoints").iterdir()] == ["step-000002"]
+
+
+def test_export_takes_the_adapter_shape_from_the_checkpoint(demo, tiny_model_dir, tmp_path):
+    from training.export import run_export
+
+    trainer = Trainer(config_for(demo, tiny_model_dir, "export", *RUN_OVERRIDES, "train.max_steps=1"))
+    trainer.train()
+    plain = run_export(config_for(demo, tiny_model_dir, "export"), "latest", tmp_path / "a.safetensors", "fp32")
+    changed = config_for(demo, tiny_model_dir, "export", "lora.alpha=16", "lora.rank=8")
+    other = run_export(changed, "latest", tmp_path / "b.safetensors", "fp32")
+    a, b = load_file(plain), load_file(other)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 DDP_SCRIPT = """
-import json, sys
+import json, os, signal, sys
 from pathlib import Path
 from safetensors.torch import save_file
 from training.config import load_config
@@ -211,19 +244,27 @@ if command == "prepare":
     run_prepare(load_config(config_path, overrides))
 else:
     trainer = Trainer(load_config(config_path, overrides))
+    if len(sys.argv) > 5:  # Ctrl-C after this many steps
+        stop_at, step = int(sys.argv[5]), trainer.train_step
+        def stop_after():
+            result = step()
+            if trainer.state.step == stop_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            return result
+        trainer.train_step = stop_after
     trainer.train()
     state = {k: v.contiguous() for k, v in trainer.unwrapped.state_dict().items() if "lora_" in k}
     save_file(state, str(out / f"rank{trainer.accelerator.process_index}.safetensors"))
 """
 
 
-def torchrun_two_ranks(command: str, overrides: list[str], out: Path) -> None:
+def torchrun_two_ranks(command: str, overrides: list[str], out: Path, *extra: str) -> None:
     script = out / "ddp_script.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), command, str(TINY_CONFIG), json.dumps(overrides), str(out)],
+         str(script), command, str(TINY_CONFIG), json.dumps(overrides), str(out), *extra],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -269,6 +310,30 @@ def test_two_process_ddp_matches_single_process_accumulation(demo, tiny_model_di
     single.train()
     for key, value in lora_state(single).items():
         torch.testing.assert_close(rank0[key], value, atol=1e-5, rtol=1e-4)
+
+
+def test_resume_on_another_number_of_processes(demo, tiny_model_dir, tmp_path):
+    """Half the run on 2 ranks, the rest on 1 rank with 2 accumulation steps: same weights and learning rates
+    as 1 rank all along (the schedule counts optimizer steps, not per-process steps)."""
+    root, _ = demo
+    overrides = [*demo_overrides(root, tiny_model_dir, "moved"), *RUN_OVERRIDES, "train.gradient_accumulation=1"]
+    torchrun_two_ranks("train", overrides, tmp_path, "2")
+    resumed = Trainer(config_for(demo, tiny_model_dir, "moved", *RUN_OVERRIDES, "train.gradient_accumulation=2",
+                                 "train.resume=latest"))
+    resumed.train()
+    straight = Trainer(config_for(demo, tiny_model_dir, "one-rank", *RUN_OVERRIDES, "train.gradient_accumulation=2"))
+    straight.train()
+    expected = lora_state(straight)
+    for key, value in lora_state(resumed).items():
+        torch.testing.assert_close(value, expected[key], atol=1e-5, rtol=1e-4)
+
+    def learning_rates(run):
+        with (root / run / "train_log.csv").open() as handle:
+            return {int(row["step"]): float(row["lr"]) for row in csv.DictReader(handle)}
+
+    moved, one_rank = learning_rates("moved"), learning_rates("one-rank")
+    assert list(moved) == list(one_rank) == [1, 2, 3, 4]
+    assert list(moved.values()) == pytest.approx(list(one_rank.values()))
 
 
 def direct_task_gradients(trainer: Trainer, ranks: int = 1) -> dict[str, dict[str, torch.Tensor]]:

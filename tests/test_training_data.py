@@ -140,6 +140,32 @@ def _counter_clip(path: Path, frames: int, fps: int, height: int, width: int) ->
     return write_mp4(values.view(-1, 1, 1, 1).expand(frames, 3, height, width).contiguous(), path, fps=fps)
 
 
+def _late_start_clip(path: Path, frames: int, fps: int, start_seconds: int) -> Path:
+    """Like `_counter_clip`, but its timestamps begin at `start_seconds` (as after a stream-copy cut)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for k in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 8 * k, np.uint8), format="rgb24")
+            frame.pts = start_seconds * fps + k
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def test_decode_clip_counts_time_from_the_first_frame(tmp_path):
+    clip = _late_start_clip(tmp_path / "late.mp4", frames=24, fps=16, start_seconds=2)
+    import av
+
+    with av.open(str(clip)) as container:
+        assert next(container.decode(video=0)).time >= 1.9  # the file really starts late
+    frames = decode_clip(clip, fps=8, num_frames=9, height=32, width=32)
+    assert (frames.mean(dim=(1, 2, 3)) * 255 / 8).round().tolist() == [0, 2, 4, 6, 8, 10, 12, 14, 16]
+
+
 def test_decode_clip_resamples_and_fits(tmp_path):
     clip = _counter_clip(tmp_path / "c.mp4", frames=24, fps=16, height=96, width=160)
     frames = decode_clip(clip, fps=8, num_frames=9, height=48, width=48)

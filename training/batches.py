@@ -7,7 +7,6 @@ without communication.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from safetensors import safe_open
 
 from .config import Config, ConfigError
 from .data import DataError
-from .prepare import META_FILE, cache_meta, check_video_set_nonempty
+from .prepare import check_cache_meta, check_video_set_nonempty
 
 IDENTITY, VIDEO = "identity", "video"
 _PURPOSES = {"task": 1, "order": 2, "sample": 3}
@@ -85,17 +84,10 @@ class TrainingCache:
     def __init__(self, config: Config):
         self.config = config
         root = Path(config.data.cache_dir)
-        meta_path = root / META_FILE
-        if not meta_path.is_file():
+        meta = check_cache_meta(root, config)
+        if meta is None:
             raise DataError(f"no prepared cache in {str(root)!r}: run `python -m training prepare` first")
-        self.meta = json.loads(meta_path.read_text())
-        expected = cache_meta(config)
-        changed = sorted(k for k in expected if self.meta.get(k) != expected[k])
-        if changed:
-            raise DataError(
-                f"the cache in {str(root)!r} was prepared with other settings ({', '.join(changed)}: "
-                f"{[self.meta.get(k) for k in changed]} vs {[expected[k] for k in changed]}); run prepare into a new cache_dir"
-            )
+        self.meta = meta
         self.scale = float(self.meta["scaling_factor"])
         self.margin = config.data.identity.jitter_px // 8
         identity_files = sorted((root / IDENTITY).glob("*.safetensors"))

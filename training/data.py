@@ -260,16 +260,19 @@ class ClipTooShort(ValueError):
 def decode_clip(path: Path, fps: float, num_frames: int, height: int, width: int) -> torch.Tensor:
     """`num_frames` frames at `fps`, resized to cover and centre-cropped to `height x width`: `[T, 3, H, W]` in 0..1.
 
-    Frames are taken at times k / fps from the start (a source slower than `fps` repeats frames).
-    Raises `ClipTooShort` when the clip ends before `num_frames` frames; PyAV errors for corrupt files.
+    Frames are taken at times k / fps from the first frame (a source slower than `fps` repeats frames);
+    timestamps need not start at 0 (stream-copy cuts, MPEG-TS). Raises `ClipTooShort` when the clip ends
+    before `num_frames` frames; PyAV errors for corrupt files.
     """
     frames: list[torch.Tensor] = []
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         source_fps = float(stream.average_rate or stream.guessed_rate or fps)
-        next_time = 0.0
+        next_time, start = 0.0, None
         for index, frame in enumerate(container.decode(stream)):
-            time = frame.time if frame.time is not None else index / source_fps
+            absolute = frame.time if frame.time is not None else index / source_fps
+            start = absolute if start is None else start
+            time = absolute - start
             if time + 0.5 / source_fps < next_time:
                 continue
             pixels = torch.from_numpy(np.ascontiguousarray(frame.to_ndarray(format="rgb24"))).permute(2, 0, 1)

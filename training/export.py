@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -22,8 +23,10 @@ def run_export(config: Config, checkpoint: str, output: str, dtype: str) -> Path
         raise FileNotFoundError(f"no checkpoint in {config.train.output_dir!r}/checkpoints")
     _, header = read_lora_file(folder / LORA_FILE)
     transformer = load_transformer(config.model.path, config.model.dtype)
-    lora = config.lora
-    transformer.add_adapter(make_lora_config(lora.rank, lora.alpha, 0.0, lora.target_modules), adapter_name=DEFAULT_ADAPTER)
+    # The adapter's shape and scale are the checkpoint's, whatever the current config says.
+    rank, alpha = int(header["sdvgen.rank"]), float(header["sdvgen.alpha"])
+    targets = json.loads(header["sdvgen.target_modules"])
+    transformer.add_adapter(make_lora_config(rank, alpha, 0.0, targets), adapter_name=DEFAULT_ADAPTER)
     load_adapter(transformer, folder / ADAPTER_FILE)
     extra = {k: v for k, v in header.items() if k.startswith("sdvgen.")}
     path = save_lora(transformer, output, adapter_name=DEFAULT_ADAPTER, dtype=resolve_dtype(dtype), extra_metadata=extra)

@@ -91,10 +91,17 @@ class PCGradBuffer:
     def push(self, gradient: torch.Tensor) -> None:
         self.gradients.append(gradient.detach().clone())
 
+    def mean(self) -> torch.Tensor:
+        """Mean of the buffered gradients, accumulated in place: one extra gradient-sized tensor, not a stack."""
+        total = self.gradients[0].clone()
+        for gradient in list(self.gradients)[1:]:
+            total.add_(gradient)
+        return total.div_(len(self.gradients))
+
     def project(self, video_gradient: torch.Tensor) -> tuple[torch.Tensor, bool]:
         if not self.gradients:
             return video_gradient, False
-        reference = torch.stack(list(self.gradients)).mean(dim=0)
+        reference = self.mean()
         dot = torch.dot(video_gradient, reference)
         if dot >= 0:
             return video_gradient, False

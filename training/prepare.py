@@ -66,6 +66,22 @@ def cache_meta(config: Config) -> dict:
     }
 
 
+def check_cache_meta(root: Path, config: Config) -> dict | None:
+    """The cache's recorded settings (None for a new cache); `DataError` when they differ from `config`'s."""
+    meta_path = root / META_FILE
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    expected = cache_meta(config)
+    changed = sorted(k for k in expected if meta.get(k) != expected[k])
+    if changed:
+        raise DataError(
+            f"the cache in {str(root)!r} was prepared with other settings ({', '.join(changed)}: "
+            f"{[meta.get(k) for k in changed]} vs {[expected[k] for k in changed]}); use a new data.cache_dir"
+        )
+    return meta
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     with atomic_output(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
@@ -144,6 +160,7 @@ def run_prepare(config: Config) -> dict[str, int]:
     cache = Path(config.data.cache_dir)
     for sub in ("identity", "video"):
         (cache / sub).mkdir(parents=True, exist_ok=True)
+    check_cache_meta(cache, config)  # cached items are reused by name: they must have been made the same way
     check_video_set_nonempty(config, len(video_files(config.data.video)), f"in {config.data.video.folders}")
     flush_subnormals_on_cpu(accelerator.device)
     encoder = Encoder(config, accelerator.device)

@@ -147,6 +147,7 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision=train.mixed_precision,
             gradient_accumulation_steps=train.gradient_accumulation,
+            step_scheduler_with_optimizer=False,
             log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
@@ -180,10 +181,11 @@ class Trainer:
         optim = config.optim
         optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
                                       eps=optim.eps)
-        processes = self.accelerator.num_processes  # the prepared scheduler steps once per process
+        # Counted in optimizer steps (the Accelerator does not step it per process), so a checkpoint resumes
+        # with the right learning rate on any number of processes.
         lr_scheduler = get_scheduler(
-            optim.scheduler, optimizer, num_warmup_steps=optim.warmup_steps * processes,
-            num_training_steps=train.max_steps * processes, num_cycles=optim.num_cycles,
+            optim.scheduler, optimizer, num_warmup_steps=optim.warmup_steps,
+            num_training_steps=train.max_steps, num_cycles=optim.num_cycles,
         )
         if self.distributed == DistributedType.DEEPSPEED:
             # No dataloader to infer it from; the real per-task micro-batches vary, DeepSpeed only checks this.
@@ -326,7 +328,8 @@ class Trainer:
                     self._before_update(task)
                     accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.max_grad_norm)
                 self.optimizer.step()
-                self.lr_scheduler.step()
+                if accelerator.sync_gradients:
+                    self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
         self.state.batches[task] += 1
@@ -393,8 +396,13 @@ class Trainer:
                 started = time.perf_counter()
                 task, loss = self.train_step()
                 if not math.isfinite(loss):
-                    self.save_checkpoint()
-                    raise FloatingPointError(f"loss became {loss} at step {self.state.step}; last checkpoint saved")
+                    # The update already went in: these weights are not saved, so no good checkpoint is pruned.
+                    good = find_checkpoint(self.output_dir, "latest")
+                    where = f"the last good checkpoint is {str(good)!r}" if good else "no checkpoint was saved yet"
+                    raise FloatingPointError(
+                        f"loss became {loss} at step {self.state.step}; the weights are no longer finite and were "
+                        f"not saved. {where}: resume it with train.resume=latest and a lower optim.lr"
+                    )
                 record = {"loss": loss, f"loss/{task}": loss, "task_video": float(task == VIDEO),
                           "lr": self.lr_scheduler.get_last_lr()[0], "step_seconds": time.perf_counter() - started}
                 if self.state.step % config.train.log_every == 0:
