@@ -18,8 +18,9 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, frames: int) -> None:
-    """Model size, placement and video size options shared by the benchmarks."""
+def benchmark_parser(description: str, frames: int) -> argparse.ArgumentParser:
+    """A parser with the model size, placement and video size options every benchmark takes."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["tiny", "mid", "5b"], default="mid",
                         help="random-weight model size: tiny, mid (CPU: matmuls dominate), 5b (real size, GPU)")
     parser.add_argument("--device", default="cpu")
@@ -28,6 +29,18 @@ def add_common_arguments(parser: argparse.ArgumentParser, frames: int) -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--frames", type=int, default=frames, help="video frames (4k+1)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the CSV/JSON results")
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, torch.device, torch.dtype]:
+    """Parsed arguments, the torch device and dtype they name; diffusers' info logging silenced."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from sdvgen_core.pipeline import resolve_dtype
+
+    args = parser.parse_args()
+    diffusers_logging.set_verbosity_error()
+    return args, torch.device(args.device), resolve_dtype(args.dtype)
 
 
 def synchronize(device: torch.device) -> None:

@@ -9,24 +9,21 @@ Absolute seconds and memory mean something only on a GPU with `--model 5b`; on a
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from diffusers.utils import logging as diffusers_logging
 from peft import get_peft_model_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_common_arguments, machine_info, peak_memory_gib, report, synchronize  # noqa: E402
+from common import benchmark_parser, parse, machine_info, peak_memory_gib, report, synchronize  # noqa: E402
 from models import random_pipeline  # noqa: E402
 
 from sdvgen_core.lora import DEFAULT_ADAPTER, make_lora_config, save_lora  # noqa: E402
-from sdvgen_core.pipeline import resolve_dtype  # noqa: E402
 from sdvgen_core.reference import FitMode  # noqa: E402
 
 PROMPT = "a <cls> toy robot walks through a snowy forest"
@@ -47,15 +44,10 @@ def write_random_lora(pipe, path: Path, rank: int) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser, frames=25)
+    parser = benchmark_parser(__doc__, frames=25)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--lora-rank", type=int, default=128)
-    args = parser.parse_args()
-
-    diffusers_logging.set_verbosity_error()
-    device = torch.device(args.device)
-    dtype = resolve_dtype(args.dtype)
+    args, device, dtype = parse(parser)
     pipe = random_pipeline(args.model, dtype)
     pipe.set_progress_bar_config(disable=True)
     reference = torch.rand(3, args.height, args.width)

@@ -9,21 +9,18 @@ time ratio is printed next to the FLOP ratio of the token counts for the same co
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 from diffusers import CogVideoXTransformer3DModel
-from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_common_arguments, interleaved_medians, machine_info, report  # noqa: E402
+from common import benchmark_parser, parse, interleaved_medians, machine_info, report  # noqa: E402
 from models import TRANSFORMER  # noqa: E402
 
-from sdvgen_core.pipeline import resolve_dtype  # noqa: E402
 from sdvgen_core.transformer import SDVGenTransformer3DModel  # noqa: E402
 
 TEXT_TOKENS = 226
@@ -40,15 +37,10 @@ def flop_overhead(width: int, layers: int, latent_frames: int, tokens_per_frame:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser, frames=49)
+    parser = benchmark_parser(__doc__, frames=49)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=11)
-    args = parser.parse_args()
-
-    diffusers_logging.set_verbosity_error()
-    device = torch.device(args.device)
-    dtype = resolve_dtype(args.dtype)
+    args, device, dtype = parse(parser)
     config = dict(TRANSFORMER[args.model], use_rotary_positional_embeddings=True, sample_frames=49)
     torch.manual_seed(0)
     stock = CogVideoXTransformer3DModel(**config).to(device, dtype).eval()

@@ -10,7 +10,6 @@ trainable, gradient checkpointing on, one identity pair or one clip per micro-ba
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -19,17 +18,15 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_common_arguments, interleaved_medians, machine_info, report, synchronize  # noqa: E402
+from common import benchmark_parser, parse, interleaved_medians, machine_info, report, synchronize  # noqa: E402
 from models import TRANSFORMER  # noqa: E402
 from reference_overhead import TEXT_TOKENS, transformer_flops  # noqa: E402
 
 from sdvgen_core.lora import DEFAULT_ADAPTER, make_lora_config  # noqa: E402
-from sdvgen_core.pipeline import resolve_dtype  # noqa: E402
 from sdvgen_core.presets import cogvideox_5b_scheduler  # noqa: E402
 from sdvgen_core.transformer import SDVGenTransformer3DModel  # noqa: E402
 from training.batches import Batch, token_keep_indices  # noqa: E402
@@ -70,8 +67,7 @@ def write_clips(folder: Path, count: int, frames: int, height: int, width: int) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser, frames=49)
+    parser = benchmark_parser(__doc__, frames=49)
     parser.add_argument("--lora-rank", type=int, default=128)
     parser.add_argument("--p-token-drop", type=float, default=0.5)
     parser.add_argument("--warmup", type=int, default=1)
@@ -79,11 +75,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=4, help="clips for the data-loader throughput")
     parser.add_argument("--demo-prepare", action="store_true",
                         help="also time `prepare` on the tiny demo data (cache miss, then hit)")
-    args = parser.parse_args()
-
-    diffusers_logging.set_verbosity_error()
-    device = torch.device(args.device)
-    dtype = resolve_dtype(args.dtype)
+    args, device, dtype = parse(parser)
     torch.manual_seed(0)
     config = dict(TRANSFORMER[args.model], use_rotary_positional_embeddings=True, sample_frames=49)
     model = SDVGenTransformer3DModel(**config).to(device, dtype)

@@ -233,7 +233,7 @@ def test_export_takes_the_adapter_shape_from_the_checkpoint(demo, tiny_model_dir
 
 
 DDP_SCRIPT = """
-import json, os, signal, sys
+import json, sys
 from pathlib import Path
 from safetensors.torch import save_file
 from training.config import load_config
@@ -245,13 +245,8 @@ if command == "prepare":
 else:
     trainer = Trainer(load_config(config_path, overrides))
     if len(sys.argv) > 5:  # Ctrl-C after this many steps
-        stop_at, step = int(sys.argv[5]), trainer.train_step
-        def stop_after():
-            result = step()
-            if trainer.state.step == stop_at:
-                os.kill(os.getpid(), signal.SIGINT)
-            return result
-        trainer.train_step = stop_after
+        from test_training import _stop_after
+        _stop_after(trainer, int(sys.argv[5]))
     trainer.train()
     state = {k: v.contiguous() for k, v in trainer.unwrapped.state_dict().items() if "lora_" in k}
     save_file(state, str(out / f"rank{trainer.accelerator.process_index}.safetensors"))
@@ -261,7 +256,8 @@ else:
 def torchrun_two_ranks(command: str, overrides: list[str], out: Path, *extra: str) -> None:
     script = out / "ddp_script.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(script), command, str(TINY_CONFIG), json.dumps(overrides), str(out), *extra],
