@@ -14,13 +14,18 @@ logger = logging.getLogger("sdvgen")
 TINY_LABEL = "tiny preset: a randomly initialised CogVideoX-architecture model; its video is noise"
 
 
-def _tiny_model_dir() -> Path:
-    from .presets import build_tiny_model
+TINY_WAN_LABEL = "tiny-wan preset: a randomly initialised Wan 2.2 TI2V-architecture model; its video is noise"
 
-    cache = Path(os.environ.get("SDVGEN_CACHE", Path.home() / ".cache" / "sdvgen")) / "tiny-model-v1"
+
+def _tiny_model_dir(preset: str = "tiny") -> Path:
+    from .presets import build_tiny_model
+    from .wan_presets import build_tiny_wan_model
+
+    name, build = {"tiny": ("tiny-model-v1", build_tiny_model), "tiny-wan": ("tiny-wan-model-v1", build_tiny_wan_model)}[preset]
+    cache = Path(os.environ.get("SDVGEN_CACHE", Path.home() / ".cache" / "sdvgen")) / name
     if not (cache / "model_index.json").is_file():
-        logger.info("building the tiny model in %s", cache)
-        build_tiny_model(cache)
+        logger.info("building the %s model in %s", preset, cache)
+        build(cache)
     return cache
 
 
@@ -36,8 +41,11 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-prompt", default="", help="negative prompt for classifier-free guidance")
     p.add_argument("--out", default="sdvgen.mp4", help="output mp4 path (default: %(default)s)")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="CogVideoX-5B folder in diffusers layout (THUDM/CogVideoX-5b)")
-    source.add_argument("--preset", choices=["tiny"], help=f"embedded model ({TINY_LABEL})")
+    source.add_argument("--model", help="model folder in diffusers layout: CogVideoX-5B (THUDM/CogVideoX-5b) or "
+                        "Wan 2.2 TI2V-5B (Wan-AI/Wan2.2-TI2V-5B-Diffusers); the backbone is read from it")
+    source.add_argument("--preset", choices=["tiny", "tiny-wan"], help=f"embedded model ({TINY_LABEL}; {TINY_WAN_LABEL})")
+    p.add_argument("--family", choices=["cogvideox", "wan22"], default=None,
+                   help="backbone of --model (default: detected from transformer/config.json)")
     p.add_argument("--lora", default=None, help="SDV-Gen LoRA .safetensors (the authors' release or ours)")
     p.add_argument("--lora-strength", type=float, default=1.0, help="LoRA strength (default: %(default)s)")
     p.add_argument("--fuse-lora", action="store_true", help="merge the LoRA into the weights (faster steps)")
@@ -46,20 +54,25 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="torch device, e.g. cuda, cuda:1, cpu (default: auto)")
     p.add_argument("--memory-mode", choices=["on_device", "model_offload", "sequential_offload"],
                    default="on_device", help="where the models live between uses (default: %(default)s)")
-    p.add_argument("--width", type=int, default=None, help="video width, multiple of 16 (default 720)")
-    p.add_argument("--height", type=int, default=None, help="video height, multiple of 16 (default 480)")
-    p.add_argument("--frames", type=int, default=None, help="frame count 4k+1, at most 49 (default 49)")
+    p.add_argument("--width", type=int, default=None,
+                   help="video width (default: CogVideoX 720, multiple of 16; Wan 1280, multiple of 32)")
+    p.add_argument("--height", type=int, default=None,
+                   help="video height (default: CogVideoX 480, multiple of 16; Wan 704, multiple of 32)")
+    p.add_argument("--frames", type=int, default=None, help="frame count 4k+1 (default: CogVideoX 49, at most 49; Wan 121)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50)")
-    p.add_argument("--cfg", type=float, default=6.0, help="text guidance scale (default: %(default)s)")
-    p.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX dynamic CFG schedule")
+    p.add_argument("--cfg", type=float, default=None, help="text guidance scale (default: CogVideoX 6.0, Wan 5.0)")
+    p.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX dynamic CFG schedule (CogVideoX only)")
+    p.add_argument("--reference-timestep", choices=["clean", "video"], default=None,
+                   help="Wan only: timestep of the reference tokens, clean = 0 (default) or the video's")
     p.add_argument("--reference-guidance", type=float, default=0.0,
                    help="extra guidance towards the reference (extra model pass; 0 = off, the release default)")
     p.add_argument("--fit", choices=["crop", "pad", "stretch"], default="crop",
                    help="how the reference is fitted to the video size (default: %(default)s)")
     p.add_argument("--mask", default=None, help="subject mask image (white = subject) to blank the background")
-    p.add_argument("--scheduler", choices=["ddim", "dpm"], default="ddim", help="sampler (default: %(default)s)")
+    p.add_argument("--scheduler", choices=["ddim", "dpm", "unipc", "euler"], default=None,
+                   help="sampler (default: CogVideoX ddim, Wan unipc; ddim/dpm are CogVideoX's, unipc/euler Wan's)")
     p.add_argument("--seed", type=int, default=42, help="random seed (default: %(default)s)")
-    p.add_argument("--fps", type=int, default=8, help="mp4 frame rate (default: %(default)s)")
+    p.add_argument("--fps", type=int, default=None, help="mp4 frame rate (default: CogVideoX 8, Wan 24)")
     p.add_argument("--tiled-decode", action="store_true", help="decode the VAE in tiles (less memory)")
 
 
@@ -67,27 +80,37 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    from .pipeline import SDVGenPipeline
+    from .backbones import detect_family, get_backbone, load_pipeline
+    from .errors import SDVGenError
     from .presets import TINY_GENERATION_DEFAULTS
+    from .wan_presets import TINY_WAN_GENERATION_DEFAULTS
     from .prompts import insert_cls
     from .video import write_mp4
 
     started = time.perf_counter()
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    defaults = {"height": 480, "width": 720, "num_frames": 49, "num_inference_steps": 50}
-    if args.preset == "tiny":
-        logger.warning(TINY_LABEL)
-        defaults = dict(TINY_GENERATION_DEFAULTS)
-        model_dir = _tiny_model_dir()
-    else:
-        model_dir = Path(args.model)
-    settings = {
-        "height": args.height or defaults["height"],
-        "width": args.width or defaults["width"],
-        "num_frames": args.frames or defaults["num_frames"],
-        "num_inference_steps": args.steps or defaults["num_inference_steps"],
-    }
+    model_dir = _tiny_model_dir(args.preset) if args.preset else Path(args.model)
+    backbone = get_backbone(args.family or detect_family(model_dir))
+    fallback = backbone.defaults
+    defaults = {"height": fallback.height, "width": fallback.width, "num_frames": fallback.num_frames,
+                "num_inference_steps": fallback.num_inference_steps}
+    if args.preset:
+        logger.warning(TINY_LABEL if args.preset == "tiny" else TINY_WAN_LABEL)
+        defaults.update(TINY_GENERATION_DEFAULTS if args.preset == "tiny" else TINY_WAN_GENERATION_DEFAULTS)
+    given = {"height": args.height, "width": args.width, "num_frames": args.frames, "num_inference_steps": args.steps}
+    settings = {name: defaults[name] if value is None else value for name, value in given.items()}
+    cfg = fallback.guidance_scale if args.cfg is None else args.cfg
+    fps = fallback.fps if args.fps is None else args.fps
+    family_options = {}
+    if args.dynamic_cfg:
+        family_options["use_dynamic_cfg"] = True
+    if args.reference_timestep is not None:
+        family_options["reference_timestep"] = args.reference_timestep
+    unsupported = sorted(set(family_options) - set(backbone.reference_options))
+    if unsupported:
+        flags = {"use_dynamic_cfg": "--dynamic-cfg", "reference_timestep": "--reference-timestep"}
+        raise SDVGenError(f"{', '.join(flags[o] for o in unsupported)} is not available for {backbone.label}")
     try:
         reference = Image.open(args.ref)
         reference.load()
@@ -96,8 +119,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: cannot read image: {error}")
     prompt = insert_cls(args.prompt, args.subject)
 
-    pipe = SDVGenPipeline.from_model_dir(
-        model_dir, dtype=precision, lora_path=args.lora, lora_strength=args.lora_strength,
+    pipe = load_pipeline(
+        model_dir, backbone.family, dtype=precision, lora_path=args.lora, lora_strength=args.lora_strength,
         fuse_lora=args.fuse_lora, scheduler=args.scheduler,
     )
     pipe.set_memory_mode(args.memory_mode, device)
@@ -105,16 +128,16 @@ def _generate(args: argparse.Namespace) -> int:
     logger.info(
         "%dx%d, %d frames, %d steps, cfg %s, %s on %s",
         settings["width"], settings["height"], settings["num_frames"], settings["num_inference_steps"],
-        args.cfg, precision, device,
+        cfg, precision, device,
     )
     generator = torch.Generator("cpu").manual_seed(args.seed)
     latents = pipe(
-        prompt, reference_image=reference, negative_prompt=args.negative_prompt, guidance_scale=args.cfg,
-        use_dynamic_cfg=args.dynamic_cfg, reference_guidance_scale=args.reference_guidance, fit=args.fit,
-        subject_mask=mask, generator=generator, output_type="latent", **settings,
+        prompt, reference_image=reference, negative_prompt=args.negative_prompt, guidance_scale=cfg,
+        reference_guidance_scale=args.reference_guidance, fit=args.fit, subject_mask=mask, generator=generator,
+        output_type="latent", **settings, **family_options,
     ).latents
     frames = pipe.decode(latents, tiled=args.tiled_decode)
-    path = write_mp4(frames[0], args.out, fps=args.fps)
+    path = write_mp4(frames[0], args.out, fps=fps)
     logger.info("wrote %s (%d frames, %.1f s)", path, frames.shape[1], time.perf_counter() - started)
     print(path)
     return 0
@@ -126,12 +149,15 @@ def _add_tiny_model(subparsers: argparse._SubParsersAction) -> None:
         description=f"Write the {TINY_LABEL}, e.g. into ComfyUI/models/CogVideo/ to try the nodes.",
     )
     p.add_argument("folder", help="destination folder")
+    p.add_argument("--family", choices=["cogvideox", "wan22"], default="cogvideox",
+                   help="architecture of the tiny model (default: %(default)s)")
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
     from .presets import build_tiny_model
+    from .wan_presets import build_tiny_wan_model
 
-    print(build_tiny_model(args.folder))
+    print((build_tiny_wan_model if args.family == "wan22" else build_tiny_model)(args.folder))
     return 0
 
 

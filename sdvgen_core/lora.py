@@ -32,6 +32,14 @@ logger = logging.getLogger(__name__)
 LORA_TARGET_MODULES = (
     "to_q", "to_k", "to_v", "to_out.0", "proj", "text_proj", "norm1.linear", "norm2.linear", "ff.net.2",
 )
+# Wan: self- (attn1) and cross-attention (attn2) q/k/v/o, both FFN layers, the patch embedding and the
+# text projection; the analogues of the CogVideoX targets above (Wan has no per-block modulation Linear).
+WAN_LORA_TARGET_MODULES = (
+    "to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2", "patch_embedding",
+    "condition_embedder.text_embedder.linear_1", "condition_embedder.text_embedder.linear_2",
+)
+# The family is recorded in the header; older files are recognised by their block names.
+FAMILY_BLOCK_PREFIXES = {"cogvideox": "transformer_blocks.", "wan22": "blocks."}
 RELEASE_RANK = 128
 RELEASE_ALPHA = 64
 DEFAULT_ADAPTER = "sdvgen"
@@ -102,6 +110,32 @@ def _normalize_keys(tensors: dict[str, torch.Tensor], path: str) -> dict[str, to
     return normalized
 
 
+def model_family(transformer: nn.Module) -> str:
+    """`cogvideox` or `wan22` for a transformer, from its class."""
+    from diffusers import WanTransformer3DModel
+
+    return "wan22" if isinstance(transformer, WanTransformer3DModel) else "cogvideox"
+
+
+def lora_file_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
+    """The backbone family a LoRA file was made for: its `sdvgen.family` header, else its block names."""
+    if "sdvgen.family" in metadata:
+        return metadata["sdvgen.family"]
+    for family, prefix in FAMILY_BLOCK_PREFIXES.items():
+        if any(key.startswith(prefix) for key in tensors):
+            return family
+    return None
+
+
+def _check_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str], transformer: nn.Module, path: str) -> None:
+    file_family, family = lora_file_family(tensors, metadata), model_family(transformer)
+    if file_family is not None and file_family != family:
+        raise LoraLoadError(
+            f"{path!r} is a LoRA for the {file_family} backbone, but the loaded model is {family}; use an SDV-Gen "
+            f"LoRA trained for {family}"
+        )
+
+
 def _module_ranks(tensors: dict[str, torch.Tensor], transformer: nn.Module, path: str) -> dict[str, int]:
     """Check every LoRA pair against the model; return each module's rank. Errors name the first bad key."""
     modules = dict(transformer.named_modules())
@@ -112,10 +146,10 @@ def _module_ranks(tensors: dict[str, torch.Tensor], transformer: nn.Module, path
         name = key.split(".lora_A.")[0]
         module = modules.get(name)
         base = getattr(module, "base_layer", module)
-        if module is None or not isinstance(base, (nn.Linear, nn.Conv2d)):
+        if module is None or not isinstance(base, (nn.Linear, nn.Conv2d, nn.Conv3d)):
             raise LoraLoadError(
                 f"{path!r} is a LoRA for another model: key 'transformer.{key}' names module {name!r}, which this "
-                f"CogVideoX transformer does not have as a Linear/Conv layer"
+                f"{model_family(transformer)} transformer does not have as a Linear/Conv layer"
             )
         b_key = f"{name}.lora_B.weight"
         if b_key not in tensors:
@@ -126,7 +160,7 @@ def _module_ranks(tensors: dict[str, torch.Tensor], transformer: nn.Module, path
             expected_a, expected_b = (rank, base.in_features), (base.out_features, rank)
         else:
             expected_a = (rank, base.in_channels, *base.kernel_size)
-            expected_b = (base.out_channels, rank, 1, 1)
+            expected_b = (base.out_channels, rank, *(1,) * len(base.kernel_size))
         if tuple(lora_a.shape) != expected_a:
             raise LoraLoadError(
                 f"{path!r}: shape mismatch at 'transformer.{key}': {tuple(lora_a.shape)}, but module {name!r} needs "
@@ -173,6 +207,7 @@ def load_lora(
     path = str(path)
     tensors, metadata = read_lora_file(path)
     tensors = _normalize_keys(tensors, path)
+    _check_family(tensors, metadata, transformer, path)
     ranks = _module_ranks(tensors, transformer, path)
     alphas, alpha_source = _alphas(metadata, ranks)
 
@@ -276,6 +311,7 @@ def save_lora(
         "format": "pt",
         LORA_ADAPTER_METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in diffusers_config.items()}, sort_keys=True),
         "sdvgen.format_version": FORMAT_VERSION,
+        "sdvgen.family": model_family(transformer),
         "sdvgen.rank": str(config.r),
         "sdvgen.alpha": str(config.lora_alpha),
         "sdvgen.alpha_folded": "true",

@@ -99,7 +99,62 @@ def check_model_dir(model_dir: str | os.PathLike) -> Path:
     return root
 
 
-class SDVGenPipeline(CogVideoXPipeline):
+class SDVGenPipelineMixin:
+    """Backbone-independent controls shared by the CogVideoX and Wan SDV-Gen pipelines (LoRA, memory modes).
+
+    The pipeline sets `lora_info`, `memory_mode` and `memory_device` in its `__init__`.
+    """
+
+    def set_lora(
+        self, path: str | os.PathLike | None, strength: float = 1.0, fuse: bool = False
+    ) -> LoraFileInfo | None:
+        """Load the SDV-Gen LoRA (or replace it, or remove it with `path=None`) at `strength`; `fuse` merges it.
+
+        The same file again only changes strength and fusing. Safe under every memory mode: offload hooks
+        (sequential offload parks the weights on the meta device) are taken off while the weights change
+        and put back afterwards.
+        """
+        offloaded = self.memory_mode is not MemoryMode.ON_DEVICE
+        if offloaded:
+            self.remove_all_hooks()
+        try:
+            if is_fused(self.transformer):
+                self.transformer.unfuse_lora()
+            if path is None:
+                if DEFAULT_ADAPTER in getattr(self.transformer, "peft_config", {}):
+                    self.transformer.delete_adapters(DEFAULT_ADAPTER)
+                self.lora_info = None
+            elif self.lora_info is not None and Path(self.lora_info.path) == Path(path):
+                self.transformer.set_adapters([DEFAULT_ADAPTER], weights=[strength])
+            else:
+                self.lora_info = None  # until the new file is in: a failed load leaves no stale record
+                self.lora_info = load_lora(self.transformer, path, strength=strength, adapter_name=DEFAULT_ADAPTER)
+            if fuse and self.lora_info is not None:
+                self.transformer.fuse_lora(adapter_names=[DEFAULT_ADAPTER])
+        finally:
+            if offloaded:
+                self.set_memory_mode(self.memory_mode, self.memory_device)
+        return self.lora_info
+
+    def set_memory_mode(self, mode: MemoryMode | str, device: torch.device | str) -> None:
+        """Place the models: all on `device`, or offloaded to the CPU and brought to `device` when used."""
+        mode = MemoryMode(mode)
+        device = torch.device(device)
+        if mode is not MemoryMode.ON_DEVICE and device.type == "cpu":
+            logger.warning("memory mode %s needs an accelerator; running everything on the CPU", mode.value)
+            mode = MemoryMode.ON_DEVICE
+        self.remove_all_hooks()
+        if mode is MemoryMode.ON_DEVICE:
+            self.to(device)
+        elif mode is MemoryMode.MODEL_OFFLOAD:
+            self.enable_model_cpu_offload(device=device)
+        else:
+            self.enable_sequential_cpu_offload(device=device)
+        self.memory_mode = mode
+        self.memory_device = device
+
+
+class SDVGenPipeline(SDVGenPipelineMixin, CogVideoXPipeline):
     """CogVideoX-5B text-to-video with a subject reference image (zero-shot SDV-Gen).
 
     Construction registers `<cls>` with the tokenizer (and, only if its table is full, the text encoder).
@@ -152,59 +207,11 @@ class SDVGenPipeline(CogVideoXPipeline):
             pipe.set_lora(lora_path, lora_strength, fuse=fuse_lora)
         return pipe
 
-    def set_lora(
-        self, path: str | os.PathLike | None, strength: float = 1.0, fuse: bool = False
-    ) -> LoraFileInfo | None:
-        """Load the SDV-Gen LoRA (or replace it, or remove it with `path=None`) at `strength`; `fuse` merges it.
-
-        The same file again only changes strength and fusing. Safe under every memory mode: offload hooks
-        (sequential offload parks the weights on the meta device) are taken off while the weights change
-        and put back afterwards.
-        """
-        offloaded = self.memory_mode is not MemoryMode.ON_DEVICE
-        if offloaded:
-            self.remove_all_hooks()
-        try:
-            if is_fused(self.transformer):
-                self.transformer.unfuse_lora()
-            if path is None:
-                if DEFAULT_ADAPTER in getattr(self.transformer, "peft_config", {}):
-                    self.transformer.delete_adapters(DEFAULT_ADAPTER)
-                self.lora_info = None
-            elif self.lora_info is not None and Path(self.lora_info.path) == Path(path):
-                self.transformer.set_adapters([DEFAULT_ADAPTER], weights=[strength])
-            else:
-                self.lora_info = None  # until the new file is in: a failed load leaves no stale record
-                self.lora_info = load_lora(self.transformer, path, strength=strength, adapter_name=DEFAULT_ADAPTER)
-            if fuse and self.lora_info is not None:
-                self.transformer.fuse_lora(adapter_names=[DEFAULT_ADAPTER])
-        finally:
-            if offloaded:
-                self.set_memory_mode(self.memory_mode, self.memory_device)
-        return self.lora_info
-
     def set_scheduler(self, name: str) -> None:
         if name not in SCHEDULERS:
             raise SDVGenError(f"scheduler {name!r} is not one of {sorted(SCHEDULERS)}")
         if not isinstance(self.scheduler, SCHEDULERS[name]):
             self.scheduler = SCHEDULERS[name].from_config(self.scheduler.config)
-
-    def set_memory_mode(self, mode: MemoryMode | str, device: torch.device | str) -> None:
-        """Place the models: all on `device`, or offloaded to the CPU and brought to `device` when used."""
-        mode = MemoryMode(mode)
-        device = torch.device(device)
-        if mode is not MemoryMode.ON_DEVICE and device.type == "cpu":
-            logger.warning("memory mode %s needs an accelerator; running everything on the CPU", mode.value)
-            mode = MemoryMode.ON_DEVICE
-        self.remove_all_hooks()
-        if mode is MemoryMode.ON_DEVICE:
-            self.to(device)
-        elif mode is MemoryMode.MODEL_OFFLOAD:
-            self.enable_model_cpu_offload(device=device)
-        else:
-            self.enable_sequential_cpu_offload(device=device)
-        self.memory_mode = mode
-        self.memory_device = device
 
     def _get_t5_prompt_embeds(self, prompt=None, num_videos_per_prompt=1, max_sequence_length=226, device=None, dtype=None):
         prompt = [prompt] if isinstance(prompt, str) else prompt
