@@ -24,7 +24,12 @@ from .pipeline import MemoryMode, SDVGenOutput, SDVGenPipelineMixin, StepCallbac
 from .prompts import ClsTokenInfo, add_cls_token
 from .reference import FitMode, ImageInput
 from .wan_latents import denormalize_latents, encode_reference_image
-from .wan_transformer import DEFAULT_REFERENCE_TIMESTEP, ReferenceTimestep, SDVGenWanTransformer3DModel
+from .wan_transformer import (
+    DEFAULT_REFERENCE_TIMESTEP,
+    ReferenceTimestep,
+    SDVGenWanTransformer3DModel,
+    parse_reference_timestep,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -184,12 +189,7 @@ class SDVGenWanPipeline(SDVGenPipelineMixin, WanPipeline):
         `WanPipeline`). `callback` runs after every step and may raise (e.g. `GenerationCancelled`) to stop.
         """
         self.check_generation_args(height, width, num_frames, num_inference_steps)
-        try:
-            reference_timestep = ReferenceTimestep(reference_timestep)
-        except ValueError:
-            raise SDVGenError(
-                f"reference_timestep {reference_timestep!r} is not one of {[m.value for m in ReferenceTimestep]}"
-            ) from None
+        reference_timestep = parse_reference_timestep(reference_timestep)
         if reference_guidance_scale and reference_image is None and reference_latents is None:
             raise SDVGenError("reference_guidance_scale needs a reference image")
         if (prompt is None) == (prompt_embeds is None):

@@ -35,6 +35,15 @@ class ReferenceTimestep(str, Enum):
 DEFAULT_REFERENCE_TIMESTEP = ReferenceTimestep.CLEAN
 
 
+def parse_reference_timestep(value: ReferenceTimestep | str) -> ReferenceTimestep:
+    try:
+        return ReferenceTimestep(value)
+    except ValueError:
+        raise SDVGenError(
+            f"reference_timestep {value!r} is not one of {[mode.value for mode in ReferenceTimestep]}"
+        ) from None
+
+
 class SDVGenWanTransformer3DModel(WanTransformer3DModel):
     """`WanTransformer3DModel` that also accepts reference latents `[B, C, 1, h, w]`.
 
@@ -85,7 +94,7 @@ class SDVGenWanTransformer3DModel(WanTransformer3DModel):
         `timestep` is `[B]` (one per sample) or `[B, S]` (per video token, Wan 2.2 TI2V). A reference in `video`
         mode takes each sample's video timestep (the largest per-token value: the noise level being removed).
         """
-        mode = ReferenceTimestep(mode)
+        mode = parse_reference_timestep(mode)
         if mode is ReferenceTimestep.VIDEO and timestep.ndim == 1:
             return timestep
         video = timestep if timestep.ndim == 2 else timestep[:, None].expand(-1, num_video_tokens)
@@ -149,7 +158,7 @@ class SDVGenWanTransformer3DModel(WanTransformer3DModel):
             )
         return self._forward_with_reference(
             hidden_states, timestep, encoder_hidden_states, reference_latents, reference_keep_indices,
-            ReferenceTimestep(reference_timestep), encoder_hidden_states_image, return_dict,
+            parse_reference_timestep(reference_timestep), encoder_hidden_states_image, return_dict,
             attention_kwargs=attention_kwargs,
         )
 
