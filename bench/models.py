@@ -17,6 +17,13 @@ TRANSFORMER = {
     "mid": dict(num_attention_heads=8, attention_head_dim=64, text_embed_dim=512, num_layers=2, time_embed_dim=128),
     "5b": dict(num_attention_heads=48, attention_head_dim=64, text_embed_dim=4096, num_layers=42, time_embed_dim=512),
 }
+# Wan 2.2 TI2V transformer sizes; "5b" is Wan2.2-TI2V-5B's config (dim 3072, 30 layers, 48 latent channels).
+_WAN_COMMON = dict(patch_size=(1, 2, 2), in_channels=48, out_channels=48, freq_dim=256, rope_max_seq_len=1024)
+WAN_TRANSFORMER = {
+    "tiny": dict(_WAN_COMMON, num_attention_heads=2, attention_head_dim=16, text_dim=32, ffn_dim=64, num_layers=2),
+    "mid": dict(_WAN_COMMON, num_attention_heads=8, attention_head_dim=64, text_dim=512, ffn_dim=2048, num_layers=2),
+    "5b": dict(_WAN_COMMON, num_attention_heads=24, attention_head_dim=128, text_dim=4096, ffn_dim=14336, num_layers=30),
+}
 VAE = {
     "tiny": dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4),
     "mid": dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8),

@@ -323,3 +323,30 @@ def test_cli_tiny_model_then_generate_with_tiny_wan(tmp_path, subject_image, mon
     assert main(["generate", "--preset", "tiny-wan", "--ref", str(tmp_path / "ref.png"), "--prompt", "a dog",
                  "--dynamic-cfg"]) == 2
     assert "--dynamic-cfg is not available for Wan2.2-TI2V-5B" in capsys.readouterr().err
+
+
+def test_comfyui_copy_has_native_wan_names_that_diffusers_maps_back(wan_model_dir, tmp_path):
+    """ComfyUI 0.3.64 maps only native Wan names; diffusers' own native->diffusers converter checks our rename."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+
+    from sdvgen_core.wan_lora import export_wan_lora_for_comfyui
+
+    source = _write_wan_lora(wan_model_dir, tmp_path / "wan.safetensors")
+    native_path = export_wan_lora_for_comfyui(source, tmp_path / "wan_comfyui.safetensors")
+    ours, _ = read_lora_file(source)
+    native, metadata = read_lora_file(native_path)
+    assert metadata["sdvgen.family"] == "wan22" and metadata["sdvgen.key_layout"] == "wan-native"
+    assert "diffusion_model.blocks.0.self_attn.q.lora_A.weight" in native
+    assert "diffusion_model.blocks.1.cross_attn.o.lora_B.weight" in native
+    assert "diffusion_model.text_embedding.0.lora_A.weight" in native and len(native) == len(ours)
+    # diffusers converts every native Wan name but the patch embedding; the rest must come back unchanged
+    convertible = {k: v for k, v in native.items() if ".patch_embedding." not in k}
+    back = _convert_non_diffusers_wan_lora_to_diffusers(convertible)
+    expected = {k: v for k, v in ours.items() if ".patch_embedding." not in k}
+    assert set(back) == set(expected)
+    assert all(torch.equal(back[k], expected[k]) for k in expected)
+    assert torch.equal(
+        native["diffusion_model.patch_embedding.lora_A.weight"], ours["transformer.patch_embedding.lora_A.weight"]
+    )
+    with pytest.raises(LoraLoadError, match="already exists"):
+        export_wan_lora_for_comfyui(source, native_path)
