@@ -1,4 +1,4 @@
-"""sdvgen_core: zero-shot subject-driven video generation on CogVideoX-5B (SDV-Gen), usable from plain Python.
+"""sdvgen_core: zero-shot subject-driven video generation on CogVideoX-5B and Wan 2.2 TI2V-5B (SDV-Gen), plain Python.
 
 Heavy modules (torch, diffusers) load on first use of a name below, so importing the package is cheap.
 """
@@ -26,6 +26,12 @@ _EXPORTS = {
     "prepare_reference_image": ".reference",
     "encode_reference": ".reference",
     "build_tiny_model": ".presets",
+    "SDVGenWanPipeline": ".wan_pipeline",
+    "SDVGenWanTransformer3DModel": ".wan_transformer",
+    "build_tiny_wan_model": ".wan_presets",
+    "load_pipeline": ".backbones",
+    "detect_family": ".backbones",
+    "get_backbone": ".backbones",
     "SDVGenError": ".errors",
     "ModelLoadError": ".errors",
     "LoraLoadError": ".errors",
@@ -42,6 +48,10 @@ if TYPE_CHECKING:
     from .prompts import CLS_TOKEN, add_cls_token, insert_cls
     from .reference import FitMode, encode_reference, prepare_reference_image
     from .transformer import SDVGenTransformer3DModel
+    from .backbones import detect_family, get_backbone, load_pipeline
+    from .wan_pipeline import SDVGenWanPipeline
+    from .wan_presets import build_tiny_wan_model
+    from .wan_transformer import SDVGenWanTransformer3DModel
 
 
 def __getattr__(name: str) -> Any:

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedTokenizerBase, T5EncoderModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, T5EncoderModel
 
 from .errors import SDVGenError
 
@@ -35,8 +35,8 @@ class ClsTokenInfo:
         return {"sdvgen.cls_token": CLS_TOKEN, "sdvgen.cls_token_id": str(self.token_id), "sdvgen.cls_row": self.row}
 
 
-def add_cls_token(tokenizer: PreTrainedTokenizerBase, text_encoder: T5EncoderModel) -> ClsTokenInfo:
-    """Register `<cls>` with id = old tokenizer length and make sure the encoder has a row for it.
+def add_cls_token(tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrainedModel) -> ClsTokenInfo:
+    """Register `<cls>` with id = old tokenizer length and make sure the encoder (T5 or UMT5) has a row for it.
 
     Idempotent: a tokenizer that already knows `<cls>` keeps its id.
     """

@@ -350,3 +350,30 @@ def test_comfyui_copy_has_native_wan_names_that_diffusers_maps_back(wan_model_di
     )
     with pytest.raises(LoraLoadError, match="already exists"):
         export_wan_lora_for_comfyui(source, native_path)
+
+
+def test_shared_lora_controls_and_memory_mode_on_wan(wan_model_dir, tmp_path, caplog):
+    """`set_lora` / `set_memory_mode` come from `SDVGenPipelineMixin`: strength 0 and removal give the base model."""
+    path = _write_wan_lora(wan_model_dir, tmp_path / "wan.safetensors")
+    pipe = SDVGenWanPipeline.from_model_dir(wan_model_dir, dtype="fp32")
+    video, reference, _, t = _inputs(batch=1, frames=2)
+    text = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def predict():
+        return pipe.transformer(video, t, text, reference_latents=reference).sample
+
+    base = predict()
+    pipe.set_lora(path, strength=1.0)
+    full = predict()
+    pipe.set_lora(path, strength=0.0)
+    assert torch.equal(predict(), base)
+    pipe.set_lora(path, strength=1.0, fuse=True)
+    torch.testing.assert_close(predict(), full, rtol=1e-4, atol=1e-5)
+    pipe.set_lora(None)
+    assert pipe.lora_info is None
+    torch.testing.assert_close(predict(), base, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(full, base, atol=1e-4)
+    with caplog.at_level("WARNING"):
+        pipe.set_memory_mode("model_offload", "cpu")
+    assert pipe.memory_mode.value == "on_device" and "needs an accelerator" in caplog.text
