@@ -18,6 +18,9 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
     [
         ("reference_overhead.py", ["--model", "tiny", "--frames", "5", "--height", "32", "--width", "48",
                                    "--warmup", "0", "--repeats", "1"], "reference_overhead_tiny_cpu"),
+        ("reference_overhead.py", ["--family", "wan22", "--model", "tiny", "--frames", "5", "--height", "32",
+                                   "--width", "64", "--warmup", "0", "--repeats", "1"],
+         "reference_overhead_wan22_tiny_cpu"),
         ("generation.py", ["--model", "tiny", "--frames", "5", "--height", "32", "--width", "48", "--steps", "1",
                            "--lora-rank", "4"], "generation_tiny_cpu"),
         ("train_steps.py", ["--model", "tiny", "--frames", "5", "--height", "32", "--width", "48", "--lora-rank", "4",
