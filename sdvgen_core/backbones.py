@@ -86,6 +86,18 @@ class Backbone:
             return denormalize_latents(vae, latents)
         return latents / vae.config.scaling_factor
 
+    def encode_prompts(
+        self, tokenizer: Any, text_encoder: Any, prompts: list[str], device: torch.device | str, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Text embeddings `[N, max_text_tokens, D]` exactly as this family's pipeline makes them (for caches)."""
+        if self.family == WAN22:
+            from .wan_pipeline import encode_wan_prompts
+
+            return encode_wan_prompts(tokenizer, text_encoder, prompts, device, dtype, self.max_text_tokens)
+        from .prompts import encode_prompts
+
+        return encode_prompts(tokenizer, text_encoder, prompts, device, dtype, self.max_text_tokens)
+
     def reference_encoder(self) -> Callable[..., torch.Tensor]:
         """`encode_reference(vae, image [B, 3, H, W] in 0..1, generator=None, device=None)` -> normalised latents."""
         if self.family == WAN22:

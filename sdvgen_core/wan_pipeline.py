@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 from .errors import ModelLoadError, SDVGenError
 from .lora import LoraFileInfo
 from .pipeline import MemoryMode, SDVGenOutput, SDVGenPipelineMixin, StepCallback, StepInfo, check_model_dir, resolve_dtype
-from .prompts import ClsTokenInfo, add_cls_token
+from .prompts import ClsTokenInfo, add_cls_token, tokenize_prompts
 from .reference import FitMode, ImageInput
 from .wan_latents import denormalize_latents, encode_reference_image
 from .wan_transformer import (
@@ -45,6 +45,27 @@ def flow_scheduler(name: str, config) -> UniPCMultistepScheduler | FlowMatchEule
     if name == "unipc":
         return UniPCMultistepScheduler.from_config(config)
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.get("num_train_timesteps", 1000), shift=shift)
+
+
+@torch.no_grad()
+def encode_wan_prompts(
+    tokenizer,
+    text_encoder: UMT5EncoderModel,
+    prompts: list[str],
+    device: torch.device | str,
+    dtype: torch.dtype,
+    max_length: int = WAN_MAX_TEXT_TOKENS,
+) -> torch.Tensor:
+    """UMT5 embeddings `[N, max_length, D]` exactly as `WanPipeline` makes them (cleaned text, padding rows zero).
+
+    Shared by sampling and the trainer's text cache; warns with the text cut off beyond `max_length`.
+    """
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    ids = tokenize_prompts(tokenizer, [prompt_clean(p) for p in prompts], max_length)
+    mask = ids.ne(tokenizer.pad_token_id).long().to(device)  # right padding with the pad id, never produced by text
+    embeds = text_encoder(ids.to(device), mask).last_hidden_state
+    return torch.where(mask.bool()[..., None], embeds, torch.zeros((), dtype=embeds.dtype, device=device)).to(dtype)
 
 
 class SDVGenWanPipeline(SDVGenPipelineMixin, WanPipeline):
@@ -119,6 +140,14 @@ class SDVGenWanPipeline(SDVGenPipelineMixin, WanPipeline):
         if lora_path is not None:
             pipe.set_lora(lora_path, lora_strength, fuse=fuse_lora)
         return pipe
+
+    def _get_t5_prompt_embeds(self, prompt=None, num_videos_per_prompt=1, max_sequence_length=226, device=None, dtype=None):
+        prompt = [prompt] if isinstance(prompt, str) else prompt
+        embeds = encode_wan_prompts(
+            self.tokenizer, self.text_encoder, prompt, device or self._execution_device,
+            dtype or self.text_encoder.dtype, max_sequence_length,
+        )
+        return embeds.repeat_interleave(num_videos_per_prompt, dim=0)
 
     def set_scheduler(self, name: str) -> None:
         """Switch between `unipc` and `euler`, keeping the folder's shift."""

@@ -377,3 +377,13 @@ def test_shared_lora_controls_and_memory_mode_on_wan(wan_model_dir, tmp_path, ca
     with caplog.at_level("WARNING"):
         pipe.set_memory_mode("model_offload", "cpu")
     assert pipe.memory_mode.value == "on_device" and "needs an accelerator" in caplog.text
+
+
+def test_backbone_prompt_encoding_is_the_wan_pipelines(wan_pipe):
+    """The trainer's text cache uses `Backbone.encode_prompts`: equal to stock `WanPipeline`'s encoding."""
+    prompts = ["a <cls> dog runs  on the beach", "a toy"]
+    ours = get_backbone("wan22").encode_prompts(wan_pipe.tokenizer, wan_pipe.text_encoder, prompts, "cpu", torch.float32)
+    with torch.no_grad():
+        stock = WanPipeline._get_t5_prompt_embeds(wan_pipe, prompts, max_sequence_length=512, device="cpu")
+    assert ours.shape == (2, 512, 32) and torch.equal(ours, stock)
+    assert torch.all(ours[1, 10:] == 0) and torch.any(ours[0, 0] != 0)
