@@ -21,7 +21,8 @@ def _tiny_model_dir(preset: str = "tiny") -> Path:
     from .presets import build_tiny_model
     from .wan_presets import build_tiny_wan_model
 
-    name, build = {"tiny": ("tiny-model-v1", build_tiny_model), "tiny-wan": ("tiny-wan-model-v1", build_tiny_wan_model)}[preset]
+    builders = {"tiny": ("tiny-model-v1", build_tiny_model), "tiny-wan": ("tiny-wan-model-v1", build_tiny_wan_model)}
+    name, build = builders[preset]
     cache = Path(os.environ.get("SDVGEN_CACHE", Path.home() / ".cache" / "sdvgen")) / name
     if not (cache / "model_index.json").is_file():
         logger.info("building the %s model in %s", preset, cache)

@@ -48,7 +48,10 @@ class MemoryMode(str, Enum):
 
 @dataclass
 class StepInfo:
-    """What a step callback sees after denoising step `step` (0-based) of `total_steps`."""
+    """What a step callback sees after denoising step `step` (0-based) of `total_steps`.
+
+    Latents are in the backbone's layout: `[B, T, C, h, w]` for CogVideoX, `[B, C, T, h, w]` for Wan.
+    """
 
     step: int
     total_steps: int

@@ -25,20 +25,23 @@ WAN_DIFFUSERS_TO_NATIVE = {
     "attn1.to_out.0": "self_attn.o", "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k",
     "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
     "patch_embedding": "patch_embedding", "condition_embedder.text_embedder.linear_1": "text_embedding.0",
-    "condition_embedder.text_embedder.linear_2": "text_embedding.2", "condition_embedder.time_proj": "time_projection.1",
+    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+    "condition_embedder.time_proj": "time_projection.1",
     "condition_embedder.time_embedder.linear_1": "time_embedding.0",
     "condition_embedder.time_embedder.linear_2": "time_embedding.2", "proj_out": "head.head",
 }
 
 
 def native_module_name(diffusers_name: str) -> str:
-    """`blocks.3.attn1.to_q` -> `blocks.3.self_attn.q`; `condition_embedder.text_embedder.linear_1` -> `text_embedding.0`."""
+    """`blocks.3.attn1.to_q` -> `blocks.3.self_attn.q`, `condition_embedder.text_embedder.linear_1` -> `text_embedding.0`."""
     prefix, inner = "", diffusers_name
     if diffusers_name.startswith("blocks."):
         index, _, inner = diffusers_name[len("blocks."):].partition(".")
         prefix = f"blocks.{index}."
     if inner not in WAN_DIFFUSERS_TO_NATIVE:
-        raise LoraLoadError(f"LoRA module {diffusers_name!r} has no native Wan name; known: {sorted(WAN_DIFFUSERS_TO_NATIVE)}")
+        raise LoraLoadError(
+            f"LoRA module {diffusers_name!r} has no native Wan name; known: {sorted(WAN_DIFFUSERS_TO_NATIVE)}"
+        )
     return prefix + WAN_DIFFUSERS_TO_NATIVE[inner]
 
 

@@ -10,9 +10,7 @@ the CogVideoX `SDVGenPipeline`: the reference is in both CFG branches, and `refe
 from __future__ import annotations
 
 import json
-import logging
 import os
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline
@@ -20,7 +18,15 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from .errors import ModelLoadError, SDVGenError
 from .lora import LoraFileInfo
-from .pipeline import MemoryMode, SDVGenOutput, SDVGenPipelineMixin, StepCallback, StepInfo, check_model_dir, resolve_dtype
+from .pipeline import (
+    MemoryMode,
+    SDVGenOutput,
+    SDVGenPipelineMixin,
+    StepCallback,
+    StepInfo,
+    check_model_dir,
+    resolve_dtype,
+)
 from .prompts import ClsTokenInfo, add_cls_token, tokenize_prompts
 from .reference import FitMode, ImageInput
 from .wan_latents import denormalize_latents, encode_reference_image
@@ -30,8 +36,6 @@ from .wan_transformer import (
     SDVGenWanTransformer3DModel,
     parse_reference_timestep,
 )
-
-logger = logging.getLogger(__name__)
 
 WAN_SCHEDULERS = ("unipc", "euler")
 WAN_MAX_TEXT_TOKENS = 512

@@ -76,7 +76,9 @@ class SDVGenWanTransformer3DModel(WanTransformer3DModel):
         keep = self._kept_token_indices(latents_with_reference, reference_keep_indices)
         return cos[:, keep], sin[:, keep]
 
-    def _kept_token_indices(self, latents_with_reference: torch.Tensor, reference_keep_indices: torch.Tensor) -> torch.Tensor:
+    def _kept_token_indices(
+        self, latents_with_reference: torch.Tensor, reference_keep_indices: torch.Tensor
+    ) -> torch.Tensor:
         frame_tokens = self.tokens_per_frame(*latents_with_reference.shape[-2:])
         total = frame_tokens * latents_with_reference.shape[2]
         device = latents_with_reference.device
@@ -203,7 +205,9 @@ class SDVGenWanTransformer3DModel(WanTransformer3DModel):
 
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                tokens = self._gradient_checkpointing_func(block, tokens, encoder_hidden_states, timestep_proj, rotary_emb)
+                tokens = self._gradient_checkpointing_func(
+                    block, tokens, encoder_hidden_states, timestep_proj, rotary_emb
+                )
             else:
                 tokens = block(tokens, encoder_hidden_states, timestep_proj, rotary_emb)
 
@@ -214,7 +218,8 @@ class SDVGenWanTransformer3DModel(WanTransformer3DModel):
             shift, scale = shift.squeeze(2), scale.squeeze(2)
         else:
             shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
-        tokens = (self.norm_out(tokens.float()) * (1 + scale.to(tokens.device)) + shift.to(tokens.device)).type_as(tokens)
+        shift, scale = shift.to(tokens.device), scale.to(tokens.device)
+        tokens = (self.norm_out(tokens.float()) * (1 + scale) + shift).type_as(tokens)
         tokens = self.proj_out(tokens)
 
         output = tokens.reshape(batch_size, num_frames, height // p_h, width // p_w, 1, p_h, p_w, -1)
