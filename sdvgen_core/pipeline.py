@@ -27,11 +27,12 @@ from diffusers import (
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
 from transformers import AutoTokenizer, T5EncoderModel
 
-from .errors import ModelLoadError, SDVGenError
+from .errors import ModelLoadError, NonFiniteError, SDVGenError
 from .lora import DEFAULT_ADAPTER, LoraFileInfo, is_fused, load_lora
 from .prompts import ClsTokenInfo, add_cls_token, encode_prompts
 from .reference import FitMode, ImageInput, encode_reference, prepare_reference_image
 from .transformer import SDVGenTransformer3DModel
+from .validation import GenerationLimits, check_generation_settings, check_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,19 @@ def check_model_dir(model_dir: str | os.PathLike) -> Path:
             hint = f" (found only pickle files {pickles}, which are never loaded)" if pickles else ""
             raise ModelLoadError(f"{str(folder)!r} has no .safetensors weights{hint}; convert or re-download them")
     return root
+
+
+def check_finite(tensor: torch.Tensor, what: str, hint: str) -> None:
+    """Raise `NonFiniteError` if `tensor` holds NaN or inf (one reduction: cheap next to a model pass)."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteError(f"{what} contain NaN or infinite values; {hint}")
+
+
+def non_finite_hint(dtype: torch.dtype) -> str:
+    """The likely cause of NaN/inf in a model running in `dtype`, phrased as what to try."""
+    if dtype == torch.float16:
+        return "fp16 overflows easily on this model: try precision bf16 or fp32"
+    return "a LoRA, LoRA strength or guidance scale far outside its usual range is the usual cause"
 
 
 class SDVGenPipeline(CogVideoXPipeline):
@@ -227,17 +241,38 @@ class SDVGenPipeline(CogVideoXPipeline):
         pixels = prepare_reference_image(image, height, width, fit=fit, subject_mask=subject_mask)
         return encode_reference(self.vae, pixels, generator=generator, device=self._execution_device)
 
-    def check_generation_args(self, height: int, width: int, num_frames: int, num_inference_steps: int) -> None:
-        multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size
-        if height <= 0 or width <= 0 or height % multiple or width % multiple:
-            raise SDVGenError(f"size {width}x{height} must be positive multiples of {multiple} (e.g. 720x480)")
-        limit = self.transformer.config.sample_frames
-        if num_frames < 1 or (num_frames - 1) % self.vae_scale_factor_temporal or num_frames > limit:
+    def generation_limits(self) -> GenerationLimits:
+        """The sizes and step counts this model can generate."""
+        return GenerationLimits.from_configs(
+            dict(self.transformer.config), dict(self.vae.config), dict(self.scheduler.config)
+        )
+
+    def check_generation_args(
+        self,
+        height: int,
+        width: int,
+        num_frames: int,
+        num_inference_steps: int,
+        guidance_scale: float = 6.0,
+        reference_guidance_scale: float = 0.0,
+        eta: float = 0.0,
+    ) -> None:
+        """Raise `SDVGenError` naming the first setting that is not a finite number in its range."""
+        check_generation_settings(
+            self.generation_limits(), height=height, width=width, num_frames=num_frames,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            reference_guidance_scale=reference_guidance_scale, eta=eta,
+        )
+
+    def _check_reference_latents_shape(self, latents: torch.Tensor, height: int, width: int, batch_size: int) -> None:
+        factor = self.vae_scale_factor_spatial
+        channels = self.transformer.config.in_channels
+        expected = (1, channels, height // factor, width // factor)
+        if latents.ndim != 5 or tuple(latents.shape[1:]) != expected or latents.shape[0] not in (1, batch_size):
             raise SDVGenError(
-                f"frames={num_frames} must be 4k+1 (1, 5, 9, ..., {limit}) and at most the model's {limit}"
+                f"reference_latents have shape {tuple(latents.shape)}; a {width}x{height} video needs "
+                f"[1 or {batch_size}, {', '.join(map(str, expected))}] (encode the reference at the video size)"
             )
-        if num_inference_steps < 1:
-            raise SDVGenError(f"steps={num_inference_steps} must be at least 1")
 
     @torch.no_grad()
     def __call__(
@@ -270,7 +305,15 @@ class SDVGenPipeline(CogVideoXPipeline):
         `[B, 226, D]` replace `prompt` / `negative_prompt` when the text was encoded beforehand (ComfyUI's
         prompt node encodes once and its result is cached).
         """
-        self.check_generation_args(height, width, num_frames, num_inference_steps)
+        self.check_generation_args(
+            height, width, num_frames, num_inference_steps, guidance_scale, reference_guidance_scale, eta
+        )
+        if output_type not in ("pt", "latent"):
+            raise SDVGenError(f"output_type {output_type!r} is not one of ['latent', 'pt']")
+        for name, tensor in (("reference_latents", reference_latents), ("prompt_embeds", prompt_embeds),
+                             ("negative_prompt_embeds", negative_prompt_embeds)):
+            if tensor is not None:
+                check_finite(tensor, f"{name} (given by the caller)", "pass finite values")
         if reference_guidance_scale and reference_image is None and reference_latents is None:
             raise SDVGenError("reference_guidance_scale needs a reference image")
         if (prompt is None) == (prompt_embeds is None):
@@ -286,13 +329,16 @@ class SDVGenPipeline(CogVideoXPipeline):
             negative_prompt_embeds=negative_prompt_embeds, device=device, dtype=dtype,
         )
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+        check_finite(prompt_embeds, "the prompt embeddings", non_finite_hint(self.transformer.dtype))
         if negative_embeds is not None:
             negative_embeds = negative_embeds.to(device=device, dtype=dtype)
+            check_finite(negative_embeds, "the negative prompt embeddings", non_finite_hint(self.transformer.dtype))
         if reference_image is not None:
             reference_latents = self.encode_reference_image(
                 reference_image, height, width, fit=fit, subject_mask=subject_mask, generator=generator
             )
         if reference_latents is not None:
+            self._check_reference_latents_shape(reference_latents, height, width, batch_size)
             reference_latents = reference_latents.to(device=device, dtype=dtype)
             if reference_latents.shape[0] == 1 and batch_size > 1:
                 reference_latents = reference_latents.expand(batch_size, -1, -1, -1, -1)
@@ -348,6 +394,10 @@ class SDVGenPipeline(CogVideoXPipeline):
                         step_output = self.scheduler.step(velocity, t, latents, **extra_step_kwargs)
                         latents, denoised = step_output.prev_sample, step_output.pred_original_sample
                     latents = latents.to(dtype)
+                    check_finite(
+                        latents, f"the latents after sampling step {i + 1} of {num_inference_steps}",
+                        non_finite_hint(self.transformer.dtype),
+                    )
                     progress_bar.update()
                     if callback is not None:
                         callback(StepInfo(i, num_inference_steps, int(t), latents, denoised))
@@ -371,6 +421,8 @@ class SDVGenPipeline(CogVideoXPipeline):
         `tiled` decodes in overlapping spatial tiles, `sliced` one video of the batch at a time; both trade
         speed for memory.
         """
+        check_tiles(tile_sample_min_height, tile_sample_min_width, tile_overlap_factor)
+        check_finite(latents, "the latents to decode", "they come from a failed or fp16-overflowed sampling run")
         if tiled:
             self.vae.enable_tiling(
                 tile_sample_min_height, tile_sample_min_width, tile_overlap_factor, tile_overlap_factor
@@ -387,4 +439,5 @@ class SDVGenPipeline(CogVideoXPipeline):
         # 49 frames); an even count comes back as 4T frames, whose 3 leading extras are dropped.
         expected = self.vae_scale_factor_temporal * (latents.shape[1] - 1) + 1
         frames = frames[:, :, frames.shape[2] - expected :]
+        check_finite(frames, "the decoded frames", non_finite_hint(self.transformer.dtype))
         return ((frames.float() / 2 + 0.5).clamp(0, 1)).permute(0, 2, 1, 3, 4)

@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from sdvgen_core.errors import GenerationCancelled, ModelLoadError, SDVGenError
-from sdvgen_core.pipeline import MemoryMode, SDVGenPipeline
+from sdvgen_core.errors import GenerationCancelled, ModelLoadError, NonFiniteError, SDVGenError
+from sdvgen_core.pipeline import MemoryMode, SDVGenPipeline, non_finite_hint
 
 from conftest import draw_subject
 
@@ -146,15 +146,84 @@ def test_decode_plain_and_tiled(tiny_pipe):
     "kwargs, message",
     [
         ({"num_frames": 6}, "must be 4k\\+1"),
-        ({"num_frames": 53}, "at most the model's 49"),
-        ({"height": 50}, "multiples of 16"),
-        ({"num_inference_steps": 0}, "at least 1"),
+        ({"num_frames": 53}, "num_frames=53 is out of range; expected 1 to 49"),
+        ({"height": 50}, "height=50 must be a multiple of 16"),
+        ({"num_inference_steps": 0}, "num_inference_steps=0 is out of range"),
+        ({"num_inference_steps": 1001}, "num_inference_steps=1001 is out of range; expected 1 to 1000"),
+        ({"height": 0}, "height=0 is out of range"),
+        ({"width": -16}, "width=-16 is out of range"),
+        ({"width": 1456}, "width=1456 is out of range; expected 16 to 1440"),
+        ({"num_frames": 0}, "num_frames=0 is out of range"),
+        ({"num_frames": 5.5}, "num_frames must be a whole number"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
+        ({"guidance_scale": -1.0}, "guidance_scale=-1 is out of range"),
+        ({"reference_guidance_scale": float("inf")}, "reference_guidance_scale must be a finite number"),
+        ({"reference_guidance_scale": -0.5}, "reference_guidance_scale=-0.5 is out of range"),
+        ({"eta": float("nan")}, "eta must be a finite number"),
+        ({"output_type": "pil"}, "output_type 'pil'"),
+        ({"reference_image": None, "reference_latents": torch.zeros(1, 1, 16, 4, 4)}, "reference_latents have shape"),
+        ({"reference_image": None, "reference_latents": torch.full((1, 1, 16, 6, 8), float("nan"))},
+         "reference_latents \\(given by the caller\\) contain NaN"),
+        ({"reference_image": draw_subject(mode="RGBA"), "subject_mask": torch.full((1, 1, 150, 200), float("nan"))},
+         "subject mask has NaN"),
         ({"reference_image": None, "reference_guidance_scale": 1.0}, "needs a reference image"),
     ],
 )
 def test_bad_generation_arguments(tiny_pipe, kwargs, message):
+    calls, handle = count_transformer_calls(tiny_pipe)
+    try:
+        with pytest.raises(SDVGenError, match=message):
+            run(tiny_pipe, **kwargs)
+    finally:
+        handle.remove()
+    assert calls == []  # refused before any model pass
+
+
+def test_nan_prompt_embeds_are_refused(tiny_pipe):
+    embeds = torch.zeros(1, 226, 32)
+    embeds[0, 3, 4] = float("inf")
+    with pytest.raises(NonFiniteError, match="prompt_embeds \\(given by the caller\\)"):
+        tiny_pipe(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros(1, 226, 32), **SMALL)
+
+
+def test_non_finite_latents_stop_sampling_at_that_step(tiny_pipe, monkeypatch):
+    """A model pass that overflows at step 2 stops the run there, naming the step and the likely cause."""
+    forward = tiny_pipe.transformer.forward
+    calls = []
+
+    def overflow_on_second_step(*args, **kwargs):
+        calls.append(1)
+        output = forward(*args, **kwargs)
+        if len(calls) == 2:
+            output[0][0, 0, 0, 0, 0] = float("inf")
+        return output
+
+    monkeypatch.setattr(tiny_pipe.transformer, "forward", overflow_on_second_step)
+    with pytest.raises(NonFiniteError, match="latents after sampling step 2 of 3 contain NaN.*far outside its usual range"):
+        run(tiny_pipe, guidance_scale=1.0, output_type="latent")
+    assert len(calls) == 2  # stopped at once, not after the remaining step
+    assert "try precision bf16 or fp32" in non_finite_hint(torch.float16)
+
+
+def test_decode_refuses_non_finite_latents_and_frames(tiny_pipe, monkeypatch):
+    latents = torch.zeros(1, 2, 16, 6, 8)
+    latents[0, 1, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="latents to decode contain NaN"):
+        tiny_pipe.decode(latents)
+    monkeypatch.setattr(tiny_pipe, "decode_latents", lambda latents: torch.full((1, 3, 5, 48, 64), float("nan")))
+    with pytest.raises(NonFiniteError, match="decoded frames contain NaN"):
+        tiny_pipe.decode(torch.zeros(1, 2, 16, 6, 8))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tile_sample_min_height": 0}, "tile_sample_min_height=0 is out of range"),
+    ({"tile_sample_min_width": 63}, "tile_sample_min_width=63 is out of range"),
+    ({"tile_overlap_factor": float("nan")}, "tile_overlap_factor must be a finite number"),
+    ({"tile_overlap_factor": 1.0}, "tile_overlap_factor=1 is out of range"),
+])
+def test_bad_tile_settings(tiny_pipe, kwargs, message):
     with pytest.raises(SDVGenError, match=message):
-        run(tiny_pipe, **kwargs)
+        tiny_pipe.decode(torch.zeros(1, 2, 16, 6, 8), tiled=True, **kwargs)
 
 
 @pytest.mark.parametrize(
