@@ -28,11 +28,11 @@ from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
 from transformers import AutoTokenizer, T5EncoderModel
 
 from .errors import ModelLoadError, NonFiniteError, SDVGenError
-from .lora import DEFAULT_ADAPTER, LoraFileInfo, is_fused, load_lora
+from .lora import DEFAULT_ADAPTER, LoraFileInfo, apply_lora, fuse_lora, prepare_lora, unfuse_lora
 from .prompts import ClsTokenInfo, add_cls_token, encode_prompts
 from .reference import FitMode, ImageInput, encode_reference, prepare_reference_image
 from .transformer import SDVGenTransformer3DModel
-from .validation import GenerationLimits, check_generation_settings, check_tiles
+from .validation import LORA_STRENGTH_RANGE, GenerationLimits, check_float, check_generation_settings, check_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -171,31 +171,42 @@ class SDVGenPipeline(CogVideoXPipeline):
     ) -> LoraFileInfo | None:
         """Load the SDV-Gen LoRA (or replace it, or remove it with `path=None`) at `strength`; `fuse` merges it.
 
-        The same file again only changes strength and fusing. Safe under every memory mode: offload hooks
+        `lora_info` always describes what is applied. A file that is refused (missing, damaged, for another
+        model, NaN values) or a bad strength changes nothing: the previous LoRA stays applied and reported.
+        The same unchanged file again only changes strength and fusing; a file replaced on disk since it was
+        read (other size, time or inode) is read again. Safe under every memory mode: offload hooks
         (sequential offload parks the weights on the meta device) are taken off while the weights change
         and put back afterwards.
         """
+        strength = check_float("lora_strength", strength, *LORA_STRENGTH_RANGE)
+        same_file = path is not None and self.lora_info is not None and self.lora_info.is_file(path)
+        prepared = prepare_lora(self.transformer, path) if path is not None and not same_file else None
         offloaded = self.memory_mode is not MemoryMode.ON_DEVICE
         if offloaded:
             self.remove_all_hooks()
         try:
-            if is_fused(self.transformer):
-                self.transformer.unfuse_lora()
+            unfuse_lora(self.transformer)
             if path is None:
-                if DEFAULT_ADAPTER in getattr(self.transformer, "peft_config", {}):
-                    self.transformer.delete_adapters(DEFAULT_ADAPTER)
-                self.lora_info = None
-            elif self.lora_info is not None and Path(self.lora_info.path) == Path(path):
+                self._remove_lora()
+            elif same_file:
                 self.transformer.set_adapters([DEFAULT_ADAPTER], weights=[strength])
             else:
-                self.lora_info = None  # until the new file is in: a failed load leaves no stale record
-                self.lora_info = load_lora(self.transformer, path, strength=strength, adapter_name=DEFAULT_ADAPTER)
+                try:
+                    self.lora_info = apply_lora(self.transformer, prepared, strength, adapter_name=DEFAULT_ADAPTER)
+                except BaseException:
+                    self._remove_lora()  # half-loaded: take it out entirely, so nothing unreported stays applied
+                    raise
             if fuse and self.lora_info is not None:
-                self.transformer.fuse_lora(adapter_names=[DEFAULT_ADAPTER])
+                fuse_lora(self.transformer, DEFAULT_ADAPTER)
         finally:
             if offloaded:
                 self.set_memory_mode(self.memory_mode, self.memory_device)
         return self.lora_info
+
+    def _remove_lora(self) -> None:
+        if DEFAULT_ADAPTER in getattr(self.transformer, "peft_config", {}):
+            self.transformer.delete_adapters(DEFAULT_ADAPTER)
+        self.lora_info = None
 
     def set_scheduler(self, name: str) -> None:
         if name not in SCHEDULERS:

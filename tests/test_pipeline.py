@@ -317,3 +317,47 @@ def test_bf16_pipeline_runs(tiny_model_dir):
     out = run(pipe, num_inference_steps=2)
     assert pipe.transformer.dtype == torch.bfloat16
     assert out.frames.shape == (1, 5, 3, 48, 64) and torch.isfinite(out.frames).all()
+
+
+def transformer_output(pipe):
+    generator = torch.Generator().manual_seed(3)
+    video, text = torch.randn(1, 2, 16, 6, 8, generator=generator), torch.randn(1, 226, 32, generator=generator)
+    reference, t = torch.randn(1, 1, 16, 6, 8, generator=generator), torch.tensor([400])
+    with torch.no_grad():
+        return pipe.transformer(video, text, t, reference_latents=reference).sample
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_failed_set_lora_keeps_the_previous_lora_applied_and_reported(tiny_model_dir, tmp_path, fuse):
+    from safetensors.torch import load_file, save_file
+
+    from tiny_lora import write_tiny_lora
+
+    good = write_tiny_lora(tiny_model_dir, tmp_path / "good.safetensors")
+    tensors = load_file(good)
+    tensors[sorted(tensors)[0]][0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"))
+    pipe = SDVGenPipeline.from_model_dir(tiny_model_dir, dtype="fp32", lora_path=good, lora_strength=0.5, fuse_lora=fuse)
+    expected = transformer_output(pipe)
+    for bad_call in (lambda: pipe.set_lora(tmp_path / "nan.safetensors"), lambda: pipe.set_lora(tmp_path / "none.safetensors"),
+                     lambda: pipe.set_lora(good, strength=float("nan"))):
+        with pytest.raises(SDVGenError):
+            bad_call()
+        assert pipe.lora_info is not None and pipe.lora_info.path == str(good)
+        torch.testing.assert_close(transformer_output(pipe), expected, rtol=0, atol=0)
+
+
+def test_same_path_replaced_on_disk_is_reloaded(tiny_model_dir, tmp_path):
+    from tiny_lora import write_tiny_lora
+
+    path = write_tiny_lora(tiny_model_dir, tmp_path / "lora.safetensors", seed=1)
+    pipe = SDVGenPipeline.from_model_dir(tiny_model_dir, dtype="fp32", lora_path=path)
+    first = transformer_output(pipe)
+    pipe.set_lora(path, strength=1.0)  # unchanged file: no reload, same result
+    torch.testing.assert_close(transformer_output(pipe), first, rtol=0, atol=0)
+    write_tiny_lora(tiny_model_dir, tmp_path / "lora.safetensors", seed=2)  # replaced (atomic rename: new inode)
+    pipe.set_lora(path, strength=1.0)
+    expected = SDVGenPipeline.from_model_dir(tiny_model_dir, dtype="fp32", lora_path=write_tiny_lora(
+        tiny_model_dir, tmp_path / "copy.safetensors", seed=2))
+    torch.testing.assert_close(transformer_output(pipe), transformer_output(expected))
+    assert not torch.allclose(transformer_output(pipe), first)
