@@ -88,24 +88,49 @@ class PreparedLora:
     info: LoraFileInfo
 
 
-def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of a safetensors file; never unpickles anything."""
+def _existing_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         raise LoraLoadError(f"LoRA path {str(path)!r} is a folder; give the .safetensors file inside it")
     if not path.is_file():
         raise LoraLoadError(f"LoRA file {str(path)!r} does not exist")
+    return path
+
+
+def _unreadable(path: Path, error: Exception) -> LoraLoadError:
+    hint = " (a pickle .pt/.ckpt/.bin file? those are never loaded: convert it to safetensors)"
+    return LoraLoadError(f"LoRA file {str(path)!r} is not a readable safetensors file{hint}: {error}")
+
+
+def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a safetensors file; never unpickles anything."""
+    path = _existing_file(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
             metadata = dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError) as error:
-        hint = " (a pickle .pt/.ckpt/.bin file? those are never loaded: convert it to safetensors)"
-        raise LoraLoadError(f"LoRA file {str(path)!r} is not a readable safetensors file{hint}: {error}") from None
+        raise _unreadable(path, error) from None
     return tensors, metadata
 
 
-def _normalize_keys(tensors: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+def check_lora_header(path: str | os.PathLike) -> int:
+    """Check a LoRA file from its header alone (no tensors read): readable safetensors, only LoRA keys, and as
+    many modules as its header states. Returns the module count. The full check against a model is `prepare_lora`.
+    """
+    path = _existing_file(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            keys, metadata = list(handle.keys()), dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as error:
+        raise _unreadable(path, error) from None
+    normalized = _normalize_keys(dict.fromkeys(keys), str(path))
+    modules = {key.split(".lora_A.")[0]: 0 for key in normalized if ".lora_A." in key}
+    _check_module_count(metadata, modules, str(path))
+    return len(modules)
+
+
+def _normalize_keys(tensors: dict[str, torch.Tensor | None], path: str) -> dict[str, torch.Tensor | None]:
     """Strip `transformer.` / `base_model.model.` prefixes and PEFT adapter names; reject non-LoRA tensors."""
     if not any(".lora_A." in key or ".lora_B." in key for key in tensors):
         raise LoraLoadError(

@@ -32,7 +32,7 @@ from .lora import DEFAULT_ADAPTER, LoraFileInfo, apply_lora, fuse_lora, prepare_
 from .prompts import ClsTokenInfo, add_cls_token, encode_prompts
 from .reference import FitMode, ImageInput, encode_reference, prepare_reference_image
 from .transformer import SDVGenTransformer3DModel
-from .validation import LORA_STRENGTH_RANGE, GenerationLimits, check_float, check_generation_settings, check_tiles
+from .validation import LORA_STRENGTH_RANGE, GenerationLimits, check_float, check_generation_settings, check_tiles, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -216,8 +216,11 @@ class SDVGenPipeline(CogVideoXPipeline):
 
     def set_memory_mode(self, mode: MemoryMode | str, device: torch.device | str) -> None:
         """Place the models: all on `device`, or offloaded to the CPU and brought to `device` when used."""
-        mode = MemoryMode(mode)
-        device = torch.device(device)
+        try:
+            mode = MemoryMode(mode)
+        except ValueError:
+            raise SDVGenError(f"memory mode {mode!r} is not one of {[m.value for m in MemoryMode]}") from None
+        device = resolve_device(device)
         if mode is not MemoryMode.ON_DEVICE and device.type == "cpu":
             logger.warning("memory mode %s needs an accelerator; running everything on the CPU", mode.value)
             mode = MemoryMode.ON_DEVICE

@@ -140,3 +140,27 @@ def check_tiles(height: object, width: object, overlap: object) -> None:
             check_int(name, value, *TILE_SIZE_RANGE)
     if overlap is not None:
         check_float("tile_overlap_factor", overlap, *TILE_OVERLAP_RANGE)
+
+
+def resolve_device(device: object, name: str = "device"):
+    """`auto`, `cpu`, `cuda`, `cuda:N`, `mps`, ... -> a `torch.device` that exists here; `SDVGenError` otherwise."""
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError, ValueError):
+        raise SDVGenError(f"{name} {device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cpu":
+        return resolved
+    backend = getattr(torch, resolved.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise SDVGenError(
+            f"{name} {device!r}: no {resolved.type} device is available to this PyTorch ({torch.__version__}); "
+            f"use cpu, or install a PyTorch build for your accelerator"
+        )
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if resolved.index is not None and resolved.index >= count:
+        raise SDVGenError(f"{name} {device!r}: there are only {count} {resolved.type} device(s) (0..{count - 1})")
+    return resolved

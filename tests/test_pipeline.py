@@ -233,6 +233,8 @@ def test_offload_modes_use_diffusers_hooks_on_an_accelerator(tiny_model_dir, mon
     pipe = SDVGenPipeline.from_model_dir(tiny_model_dir, dtype="fp32")
     calls = []
     monkeypatch.setattr(pipe, method, lambda device: calls.append(device))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a two-GPU machine, as far as the check sees
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     pipe.set_memory_mode(mode, "cuda:1")
     assert calls == [torch.device("cuda:1")] and pipe.memory_mode is MemoryMode(mode)
 
@@ -361,3 +363,14 @@ def test_same_path_replaced_on_disk_is_reloaded(tiny_model_dir, tmp_path):
         tiny_model_dir, tmp_path / "copy.safetensors", seed=2))
     torch.testing.assert_close(transformer_output(pipe), transformer_output(expected))
     assert not torch.allclose(transformer_output(pipe), first)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("banana", "device 'banana' is not a torch device"),
+    ("cuda:7", "no cuda device is available|only \\d+ cuda device"),
+])
+def test_unknown_or_absent_device_is_refused(tiny_pipe, device, message):
+    with pytest.raises(SDVGenError, match=message):
+        tiny_pipe.set_memory_mode("on_device", device)
+    with pytest.raises(SDVGenError, match="memory mode 'fast'"):
+        tiny_pipe.set_memory_mode("fast", "cpu")
