@@ -56,7 +56,7 @@ def _to_srgb(image: Image.Image) -> Image.Image:
         if "srgb" in ImageCms.getProfileDescription(profile).lower():
             return image
         alpha = image.getchannel("A") if image.mode in ("RGBA", "LA", "PA") else None
-        source = image.convert("RGB" if alpha is not None else image.mode) if alpha is not None else image
+        source = image.convert("RGB") if alpha is not None else image
         converted = ImageCms.profileToProfile(source, profile, ImageCms.createProfile("sRGB"), outputMode="RGB")
         if alpha is not None:
             converted.putalpha(alpha)

@@ -219,3 +219,39 @@ def test_mask_with_odd_values():
         prepare_reference_image(image, 48, 64, subject_mask=torch.full((48, 64), float("nan")))
     full = prepare_reference_image(image, 48, 64, subject_mask=torch.full((48, 64), 255.0))  # 0..255 mask
     torch.testing.assert_close(full, prepare_reference_image(image, 48, 64))
+
+
+def icc_rgb_profile(red, green, blue, gamma=2.2) -> bytes:
+    """A minimal ICC v2 display profile (matrix + gamma curves) built by hand: primaries as D50 XYZ."""
+    import struct
+
+    def s15(value):
+        return struct.pack(">i", round(value * 65536))
+
+    def xyz(x, y, z):
+        return b"XYZ " + b"\0" * 4 + s15(x) + s15(y) + s15(z)
+
+    name = b"test profile"
+    desc = b"desc" + b"\0" * 4 + struct.pack(">I", len(name) + 1) + name + b"\0" * 79
+    curve = b"curv" + b"\0" * 4 + struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0"
+    tags = [(b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(*red)), (b"gXYZ", xyz(*green)),
+            (b"bXYZ", xyz(*blue)), (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for signature, body in tags:
+        body += b"\0" * (-len(body) % 4)
+        table, data = table + signature + struct.pack(">II", offset + len(data), len(body)), data + body
+    header = (struct.pack(">I", offset + len(data)) + b"lcms" + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ "
+              + b"\0" * 12 + b"acspAPPL" + b"\0" * 24 + s15(0.9642) + s15(1.0) + s15(0.8249) + b"\0" * 48)
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def test_icc_profile_is_applied():
+    """Pixels tagged with a profile whose red primary is sRGB's green show as green, as in a colour-managed viewer."""
+    srgb_red, srgb_green, srgb_blue = (0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141)
+    for mode in ("RGB", "RGBA"):
+        image = Image.fromarray(halves(40, 20)).convert(mode)
+        image.info["icc_profile"] = icc_rgb_profile(srgb_green, srgb_red, srgb_blue)
+        rgb, alpha = image_to_tensor(image)
+        torch.testing.assert_close(rgb[0, :, 10, 5], torch.tensor([0.0, 1.0, 0.0]), atol=0.02, rtol=0)
+        torch.testing.assert_close(rgb[0, :, 10, 35], torch.tensor([0.0, 0.0, 1.0]), atol=0.02, rtol=0)
+        assert (alpha is not None) == (mode == "RGBA")
