@@ -28,7 +28,7 @@ from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
 from transformers import AutoTokenizer, T5EncoderModel
 
 from .errors import ModelLoadError, NonFiniteError, SDVGenError
-from .lora import DEFAULT_ADAPTER, LoraFileInfo, apply_lora, fuse_lora, prepare_lora, unfuse_lora
+from .lora import DEFAULT_ADAPTER, LoraFileInfo, apply_lora, check_lora_header, fuse_lora, prepare_lora, unfuse_lora
 from .prompts import ClsTokenInfo, add_cls_token, encode_prompts
 from .reference import FitMode, ImageInput, encode_reference, prepare_reference_image
 from .transformer import SDVGenTransformer3DModel
@@ -144,6 +144,12 @@ class SDVGenPipeline(CogVideoXPipeline):
         """
         root = check_model_dir(model_dir)
         torch_dtype = resolve_dtype(dtype)
+        scheduler_class = SCHEDULERS.get(scheduler)
+        if scheduler_class is None:
+            raise SDVGenError(f"scheduler {scheduler!r} is not one of {sorted(SCHEDULERS)}")
+        if lora_path is not None:  # what can be checked without the model, before minutes of loading
+            check_float("lora_strength", lora_strength, *LORA_STRENGTH_RANGE)
+            check_lora_header(lora_path)
         try:
             transformer = SDVGenTransformer3DModel.from_pretrained(
                 root, subfolder="transformer", torch_dtype=torch_dtype, use_safetensors=True
@@ -158,9 +164,6 @@ class SDVGenPipeline(CogVideoXPipeline):
         except (OSError, ValueError, KeyError) as error:
             raise ModelLoadError(f"cannot load the model in {str(root)!r}: {error}") from error
         transformer.check_supported()
-        scheduler_class = SCHEDULERS.get(scheduler)
-        if scheduler_class is None:
-            raise SDVGenError(f"scheduler {scheduler!r} is not one of {sorted(SCHEDULERS)}")
         pipe = cls(tokenizer, text_encoder, vae, transformer, scheduler_class.from_pretrained(root, subfolder="scheduler"))
         if lora_path is not None:
             pipe.set_lora(lora_path, lora_strength, fuse=fuse_lora)
@@ -328,6 +331,11 @@ class SDVGenPipeline(CogVideoXPipeline):
                              ("negative_prompt_embeds", negative_prompt_embeds)):
             if tensor is not None:
                 check_finite(tensor, f"{name} (given by the caller)", "pass finite values")
+        # The image is fitted (and checked: NaN, mask size, fit mode) before the text encoder or VAE runs.
+        reference_pixels = (
+            None if reference_image is None
+            else prepare_reference_image(reference_image, height, width, fit=fit, subject_mask=subject_mask)
+        )
         if reference_guidance_scale and reference_image is None and reference_latents is None:
             raise SDVGenError("reference_guidance_scale needs a reference image")
         if (prompt is None) == (prompt_embeds is None):
@@ -347,9 +355,9 @@ class SDVGenPipeline(CogVideoXPipeline):
         if negative_embeds is not None:
             negative_embeds = negative_embeds.to(device=device, dtype=dtype)
             check_finite(negative_embeds, "the negative prompt embeddings", non_finite_hint(self.transformer.dtype))
-        if reference_image is not None:
-            reference_latents = self.encode_reference_image(
-                reference_image, height, width, fit=fit, subject_mask=subject_mask, generator=generator
+        if reference_pixels is not None:
+            reference_latents = encode_reference(
+                self.vae, reference_pixels, generator=generator, device=self._execution_device
             )
         if reference_latents is not None:
             self._check_reference_latents_shape(reference_latents, height, width, batch_size)

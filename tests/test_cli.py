@@ -277,6 +277,15 @@ def test_write_mp4_refuses_to_overwrite_unless_asked(tmp_path):
             write_mp4(bad, tmp_path / "new.mp4")
     with pytest.raises(NonFiniteError):
         write_mp4(frames, tmp_path / "new.mp4")
+    for bad, message in ((torch.rand(2, 3, 16, 16) * 2 - 1, "values from -"), (torch.rand(2, 3, 16, 16).double() * 255, "to 2")):
+        with pytest.raises(SDVGenError, match=message):
+            write_mp4(bad, tmp_path / "new.mp4")
+    as_float = torch.rand(2, 3, 16, 16)
+    write_mp4(as_float, tmp_path / "float.mp4")
+    write_mp4((as_float * 255).round().to(torch.uint8), tmp_path / "uint8.mp4")
+    assert (tmp_path / "float.mp4").read_bytes() == (tmp_path / "uint8.mp4").read_bytes()  # same pixels, same file
+    for name in ("float.mp4", "uint8.mp4"):
+        (tmp_path / name).unlink()
     with pytest.raises(SDVGenError, match="fps=0 is out of range"):
         write_mp4(torch.rand(2, 3, 16, 16), tmp_path / "new.mp4", fps=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "late.mp4"]  # no temporary files left

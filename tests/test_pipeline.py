@@ -374,3 +374,32 @@ def test_unknown_or_absent_device_is_refused(tiny_pipe, device, message):
         tiny_pipe.set_memory_mode("on_device", device)
     with pytest.raises(SDVGenError, match="memory mode 'fast'"):
         tiny_pipe.set_memory_mode("fast", "cpu")
+
+
+def test_image_errors_come_before_the_text_encoder_runs(tiny_pipe):
+    calls = []
+    handle = tiny_pipe.text_encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        for kwargs, message in (({"fit": "zoom"}, "fit mode 'zoom'"),
+                                ({"reference_image": torch.full((3, 32, 32), float("nan"))}, "reference image has NaN")):
+            with pytest.raises(SDVGenError, match=message):
+                run(tiny_pipe, **kwargs)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_from_model_dir_checks_settings_before_loading_weights(tiny_model_dir, tmp_path, monkeypatch):
+    from sdvgen_core.transformer import SDVGenTransformer3DModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the settings were checked")
+
+    monkeypatch.setattr(SDVGenTransformer3DModel, "from_pretrained", refuse)
+    (tmp_path / "short.safetensors").write_bytes(b"\x00" * 4)
+    for kwargs, message in (({"scheduler": "ddpm"}, "scheduler 'ddpm'"),
+                            ({"lora_path": tmp_path / "none.safetensors"}, "does not exist"),
+                            ({"lora_path": tmp_path / "short.safetensors"}, "not a readable safetensors"),
+                            ({"lora_path": tmp_path / "short.safetensors", "lora_strength": float("nan")}, "lora_strength")):
+        with pytest.raises(SDVGenError, match=message):
+            SDVGenPipeline.from_model_dir(tiny_model_dir, dtype="fp32", **kwargs)
