@@ -160,6 +160,8 @@ def _generate(args: argparse.Namespace) -> int:
     prepare_reference_image(reference, settings["height"], settings["width"], fit=args.fit, subject_mask=mask)
     if args.lora is not None:
         check_lora_header(args.lora)
+    elif args.fuse_lora:
+        raise SDVGenError("--fuse-lora needs --lora (there is no LoRA to fuse)")
 
     pipe = SDVGenPipeline.from_model_dir(
         model_dir, dtype=precision, lora_path=args.lora, lora_strength=args.lora_strength,

@@ -112,6 +112,7 @@ def no_model_load(monkeypatch):
         (["--subject", "cat"], "'cat' does not occur in the prompt"),
         (["--lora", "{tmp}/missing.safetensors"], "missing.safetensors' does not exist"),
         (["--lora", "{tmp}"], "is a folder"),
+        (["--fuse-lora"], "--fuse-lora needs --lora"),
         (["--lora", "{tmp}/not_lora.safetensors"], "not a readable safetensors file"),
         (["--mask", "{tmp}/small_mask.png"], "subject mask is 30x20 but the image is 300x200"),
         (["--mask", "{tmp}/missing.png"], "cannot read the image .*missing.png.*does not exist"),

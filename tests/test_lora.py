@@ -338,3 +338,17 @@ def test_fuse_then_unfuse_or_remove_restores_the_base_weights_exactly(release_lo
     load_lora(model, release_lora, strength=0.0)  # replacing a fused adapter unfuses through the backup too
     state = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
     assert all(torch.equal(state[k], original[k]) for k in original)
+
+
+@torch.no_grad()
+def test_fusing_that_overflows_is_refused_and_changes_nothing(release_lora, tiny_model_dir, tmp_path):
+    """Finite LoRA values whose product overflows fp16 when merged: refused, base weights untouched, not fused."""
+    huge = rewrite_lora(release_lora, tmp_path / "huge.safetensors", lambda t: {k: v * 3000 for k, v in t.items()})
+    model = fresh(tiny_model_dir).to(torch.float16)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    load_lora(model, huge)
+    with pytest.raises(LoraLoadError, match="fusing the LoRA gives NaN/inf weights"):
+        fuse_lora(model)
+    assert not is_fused(model)
+    state = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(state[k], original[k]) for k in original)
