@@ -330,7 +330,7 @@ class SDVGenPipeline(CogVideoXPipeline):
         for name, tensor in (("reference_latents", reference_latents), ("prompt_embeds", prompt_embeds),
                              ("negative_prompt_embeds", negative_prompt_embeds)):
             if tensor is not None:
-                check_finite(tensor, f"{name} (given by the caller)", "pass finite values")
+                check_finite(tensor, f"{name} (given by the caller)", non_finite_hint(self.transformer.dtype))
         # The image is fitted (and checked: NaN, mask size, fit mode) before the text encoder or VAE runs.
         reference_pixels = (
             None if reference_image is None
