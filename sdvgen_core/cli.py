@@ -194,13 +194,22 @@ def _add_tiny_model(subparsers: argparse._SubParsersAction) -> None:
         "tiny-model", help="write the tiny random demo model (diffusers layout) to a folder",
         description=f"Write the {TINY_LABEL}, e.g. into ComfyUI/models/CogVideo/ to try the nodes.",
     )
-    p.add_argument("folder", help="destination folder")
+    p.add_argument("folder", help="destination folder (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="write into a folder that already has files")
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
     from .presets import build_tiny_model
 
-    print(build_tiny_model(args.folder))
+    folder = Path(args.folder)
+    if folder.exists() and not folder.is_dir():
+        raise SDVGenError(f"{args.folder!r} is a file; give a folder for the tiny model")
+    if folder.is_dir() and any(folder.iterdir()) and not args.overwrite:
+        raise SDVGenError(
+            f"folder {args.folder!r} is not empty (a real model there would be replaced by random weights); "
+            f"give a new folder, or --overwrite"
+        )
+    print(build_tiny_model(folder))
     return 0
 
 

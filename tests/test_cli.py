@@ -232,6 +232,19 @@ def test_tiny_model_command_writes_a_loadable_folder(tmp_path):
     assert pipe.cls_info.row == "existing"
 
 
+def test_tiny_model_never_writes_over_a_folder_with_files(tmp_path, capsys):
+    real = tmp_path / "CogVideoX-5b"
+    (real / "transformer").mkdir(parents=True)
+    (real / "transformer" / "config.json").write_text("{}")
+    assert main(["tiny-model", str(real)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in real.rglob("*")) == ["config.json", "transformer"]
+    (tmp_path / "file").write_text("x")
+    assert main(["tiny-model", str(tmp_path / "file")]) == 2
+    assert main(["tiny-model", str(real), "--overwrite"]) == 0
+    assert (real / "model_index.json").is_file()
+
+
 def test_written_files_get_ordinary_permissions(tmp_path):
     import os
 
