@@ -62,7 +62,7 @@ def write_clips(folder: Path, count: int, frames: int, height: int, width: int) 
         x = torch.linspace(0, 1, width)[None, None, None, :]
         channel = torch.arange(3)[None, :, None, None]
         pattern = 0.5 + 0.5 * torch.sin(6.28 * (x * (index + 1) + y * (channel + 1) + 2 * t))
-        paths.append(write_mp4(pattern, folder / f"clip{index}.mp4", fps=24))
+        paths.append(write_mp4(pattern, folder / f"clip{index}.mp4", fps=24, overwrite=True))
     return paths
 
 

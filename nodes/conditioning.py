@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core import sdvgen_core
+from .core import core_module, sdvgen_core
 from .types import CATEGORY, CONDITIONING, FIT_MODES, MAX_SIZE, PIPE, REFERENCE, SIZE_STEP
 
 # The reference latent is *sampled* from the VAE posterior (as in training); a fixed seed makes the same
@@ -103,7 +103,7 @@ def comfy_mask_to_subject_mask(mask, height: int, width: int):
         mask = mask[:1]
     elif mask.ndim != 2:
         raise sdvgen_core.SDVGenError(f"mask must be a ComfyUI MASK [B, H, W] or [H, W]; got shape {tuple(mask.shape)}")
-    mask = mask.reshape(1, 1, *mask.shape[-2:]).float()
+    mask = core_module("reference").unit_range(mask.reshape(1, 1, *mask.shape[-2:]), "mask")  # NaN refused, 0..255 rescaled
     if mask.shape[-2:] != (height, width):
         mask = F.interpolate(mask, size=(height, width), mode="bilinear", align_corners=False)
     return (1.0 - mask).clamp(0.0, 1.0)

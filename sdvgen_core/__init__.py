@@ -35,13 +35,14 @@ _EXPORTS = {
     "SDVGenError": ".errors",
     "ModelLoadError": ".errors",
     "LoraLoadError": ".errors",
+    "NonFiniteError": ".errors",
     "GenerationCancelled": ".errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:
-    from .errors import GenerationCancelled, LoraLoadError, ModelLoadError, SDVGenError
+    from .errors import GenerationCancelled, LoraLoadError, ModelLoadError, NonFiniteError, SDVGenError
     from .lora import LORA_TARGET_MODULES, load_lora, make_lora_config, save_lora
     from .pipeline import MemoryMode, SDVGenPipeline, StepInfo
     from .presets import build_tiny_model

@@ -117,7 +117,7 @@ def _cogvideox() -> Backbone:
         latent_layout="b t c h w", vae_scale_spatial=8, vae_scale_temporal=4, text_encoder_class="T5EncoderModel",
         tokenizer_class="T5Tokenizer", max_text_tokens=226, pipeline_module=".pipeline",
         pipeline_class_name="SDVGenPipeline", transformer_class_name="SDVGenTransformer3DModel",
-        reference_options=("use_dynamic_cfg",),
+        reference_options=("use_dynamic_cfg", "eta"),
     )
 
 

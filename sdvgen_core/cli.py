@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from .errors import SDVGenError
 
 logger = logging.getLogger("sdvgen")
 
@@ -40,7 +44,10 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="what the subject does; <cls> is placed before --subject")
     p.add_argument("--subject", default=None, help="word in the prompt naming the subject (<cls> goes before it)")
     p.add_argument("--negative-prompt", default="", help="negative prompt for classifier-free guidance")
-    p.add_argument("--out", default="sdvgen.mp4", help="output mp4 path (default: %(default)s)")
+    p.add_argument("--out", default="sdvgen.mp4",
+                   help="output .mp4 path (default: %(default)s); if it exists, the next free numbered name "
+                        "(name_00001.mp4, ...) is written instead, unless --overwrite; missing folders are created")
+    p.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="model folder in diffusers layout: CogVideoX-5B (THUDM/CogVideoX-5b) or "
                         "Wan 2.2 TI2V-5B (Wan-AI/Wan2.2-TI2V-5B-Diffusers); the backbone is read from it")
@@ -72,26 +79,78 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mask", default=None, help="subject mask image (white = subject) to blank the background")
     p.add_argument("--scheduler", choices=["ddim", "dpm", "unipc", "euler"], default=None,
                    help="sampler (default: CogVideoX ddim, Wan unipc; ddim/dpm are CogVideoX's, unipc/euler Wan's)")
-    p.add_argument("--seed", type=int, default=42, help="random seed (default: %(default)s)")
-    p.add_argument("--fps", type=int, default=None, help="mp4 frame rate (default: CogVideoX 8, Wan 24)")
+    p.add_argument("--eta", type=float, default=0.0, help="CogVideoX DDIM/DPM eta, 0..1 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=42, help="random seed, 0..2^64-1 (default: %(default)s)")
+    p.add_argument("--fps", type=int, default=None, help="mp4 frame rate, 1..240 (default: CogVideoX 8, Wan 24)")
     p.add_argument("--tiled-decode", action="store_true", help="decode the VAE in tiles (less memory)")
 
 
-def _generate(args: argparse.Namespace) -> int:
-    import torch
-    from PIL import Image, UnidentifiedImageError
+# What the pipeline calls each setting -> the option that sets it, so errors name what the user typed.
+OPTION_NAMES = {
+    "height": "--height", "width": "--width", "frames": "--frames", "steps": "--steps", "cfg": "--cfg",
+    "reference_guidance": "--reference-guidance", "eta": "--eta",
+}
 
+
+def _settings(args: argparse.Namespace, defaults: dict[str, int]) -> dict[str, int]:
+    """Size and steps: what was given, else the model's default (`None` means not given; 0 is an error, not a default)."""
+    given = {"height": args.height, "width": args.width, "num_frames": args.frames, "num_inference_steps": args.steps}
+    return {key: defaults[key] if value is None else value for key, value in given.items()}
+
+
+def _check_output(out: str, overwrite: bool) -> Path:
+    """Refuse an --out that cannot be written, before anything is loaded."""
+    path = Path(out)
+    if path.is_dir():
+        raise SDVGenError(f"--out {out!r} is a folder; give a file name, e.g. {str(path / 'video.mp4')!r}")
+    if path.suffix.lower() != ".mp4":
+        raise SDVGenError(f"--out {out!r} must be an .mp4 file name (the video is written as H.264 mp4)")
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise SDVGenError(f"--out {out!r}: {str(folder)!r} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise SDVGenError(f"--out {out!r}: cannot write in {str(folder)!r} ({error.strerror}); choose another --out") from None
+    if path.exists() and not overwrite:
+        logger.info("%s exists; the video will get the next free numbered name (--overwrite replaces it)", path)
+    return path
+
+
+def _write(frames, out: Path, fps: int, overwrite: bool) -> Path:
+    """Write the video to `out`, or without --overwrite to the next free numbered name if `out` exists."""
+    from .files import OutputExistsError, next_free_path
+    from .video import write_mp4
+
+    while True:
+        path = out if overwrite else next_free_path(out)
+        try:
+            return write_mp4(frames, path, fps=fps, overwrite=overwrite)
+        except OutputExistsError:  # another run took the name meanwhile: take the next one
+            continue
+
+
+def _generate(args: argparse.Namespace) -> int:
     from .backbones import detect_family, get_backbone, load_pipeline
-    from .errors import SDVGenError
+    from .lora import check_lora_header
+    from .pipeline import check_model_dir
     from .presets import TINY_GENERATION_DEFAULTS
     from .wan_presets import TINY_WAN_GENERATION_DEFAULTS
     from .prompts import insert_cls
-    from .video import write_mp4
+    from .reference import load_image, prepare_reference_image
+    from .validation import (
+        FPS_RANGE, LORA_STRENGTH_RANGE, SEED_RANGE, GenerationLimits, check_float, check_generation_settings,
+        check_int, resolve_device,
+    )
+
+    import torch
 
     started = time.perf_counter()
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    model_dir = _tiny_model_dir(args.preset) if args.preset else Path(args.model)
+    # Everything the user typed is checked first; the model loads only when all of it is usable.
+    model_dir = _tiny_model_dir(args.preset) if args.preset else check_model_dir(args.model)
     backbone = get_backbone(args.family or detect_family(model_dir))
     fallback = backbone.defaults
     defaults = {"height": fallback.height, "width": fallback.width, "num_frames": fallback.num_frames,
@@ -99,8 +158,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.preset:
         logger.warning(TINY_LABEL if args.preset == "tiny" else TINY_WAN_LABEL)
         defaults.update(TINY_GENERATION_DEFAULTS if args.preset == "tiny" else TINY_WAN_GENERATION_DEFAULTS)
-    given = {"height": args.height, "width": args.width, "num_frames": args.frames, "num_inference_steps": args.steps}
-    settings = {name: defaults[name] if value is None else value for name, value in given.items()}
+    settings = _settings(args, defaults)
     cfg = fallback.guidance_scale if args.cfg is None else args.cfg
     fps = fallback.fps if args.fps is None else args.fps
     family_options = {}
@@ -108,17 +166,32 @@ def _generate(args: argparse.Namespace) -> int:
         family_options["use_dynamic_cfg"] = True
     if args.reference_timestep is not None:
         family_options["reference_timestep"] = args.reference_timestep
+    if args.eta != 0.0:
+        family_options["eta"] = args.eta
     unsupported = sorted(set(family_options) - set(backbone.reference_options))
     if unsupported:
-        flags = {"use_dynamic_cfg": "--dynamic-cfg", "reference_timestep": "--reference-timestep"}
+        flags = {"use_dynamic_cfg": "--dynamic-cfg", "reference_timestep": "--reference-timestep", "eta": "--eta"}
         raise SDVGenError(f"{', '.join(flags[o] for o in unsupported)} is not available for {backbone.label}")
-    try:
-        reference = Image.open(args.ref)
-        reference.load()
-        mask = Image.open(args.mask).convert("L") if args.mask else None
-    except (OSError, UnidentifiedImageError) as error:
-        raise SystemExit(f"error: cannot read image: {error}")
+    check_generation_settings(
+        GenerationLimits.from_model_dir(model_dir), **settings, guidance_scale=cfg,
+        reference_guidance_scale=args.reference_guidance, eta=args.eta, names=OPTION_NAMES,
+    )
+    check_float("--lora-strength", args.lora_strength, *LORA_STRENGTH_RANGE)
+    check_int("--fps", fps, *FPS_RANGE)
+    check_int("--seed", args.seed, *SEED_RANGE)
+    device = resolve_device(args.device, "--device")
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    out = _check_output(args.out, args.overwrite)
+    if not args.prompt.strip():
+        raise SDVGenError("--prompt is empty; describe what the subject does")
     prompt = insert_cls(args.prompt, args.subject)
+    reference = load_image(args.ref)
+    mask = load_image(args.mask) if args.mask else None
+    prepare_reference_image(reference, settings["height"], settings["width"], fit=args.fit, subject_mask=mask)
+    if args.lora is not None:
+        check_lora_header(args.lora)
+    elif args.fuse_lora:
+        raise SDVGenError("--fuse-lora needs --lora (there is no LoRA to fuse)")
 
     pipe = load_pipeline(
         model_dir, backbone.family, dtype=precision, lora_path=args.lora, lora_strength=args.lora_strength,
@@ -138,7 +211,9 @@ def _generate(args: argparse.Namespace) -> int:
         output_type="latent", **settings, **family_options,
     ).latents
     frames = pipe.decode(latents, tiled=args.tiled_decode)
-    path = write_mp4(frames[0], args.out, fps=fps)
+    path = _write(frames[0], out, fps, args.overwrite)
+    if path != out:
+        logger.warning("%s exists, so the video was written to %s (--overwrite replaces the file)", out, path)
     logger.info("wrote %s (%d frames, %.1f s)", path, frames.shape[1], time.perf_counter() - started)
     print(path)
     return 0
@@ -149,16 +224,25 @@ def _add_tiny_model(subparsers: argparse._SubParsersAction) -> None:
         "tiny-model", help="write the tiny random demo model (diffusers layout) to a folder",
         description=f"Write the {TINY_LABEL}, e.g. into ComfyUI/models/CogVideo/ to try the nodes.",
     )
-    p.add_argument("folder", help="destination folder")
+    p.add_argument("folder", help="destination folder (new or empty)")
     p.add_argument("--family", choices=["cogvideox", "wan22"], default="cogvideox",
                    help="architecture of the tiny model (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="write into a folder that already has files")
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
     from .presets import build_tiny_model
     from .wan_presets import build_tiny_wan_model
 
-    print((build_tiny_wan_model if args.family == "wan22" else build_tiny_model)(args.folder))
+    folder = Path(args.folder)
+    if folder.exists() and not folder.is_dir():
+        raise SDVGenError(f"{args.folder!r} is a file; give a folder for the tiny model")
+    if folder.is_dir() and any(folder.iterdir()) and not args.overwrite:
+        raise SDVGenError(
+            f"folder {args.folder!r} is not empty (a real model there would be replaced by random weights); "
+            f"give a new folder, or --overwrite"
+        )
+    print((build_tiny_wan_model if args.family == "wan22" else build_tiny_model)(folder))
     return 0
 
 
@@ -171,16 +255,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from .errors import SDVGenError
+    import torch
 
     try:
         return _generate(args) if args.command == "generate" else _tiny_model(args)
-    except SDVGenError as error:
+    except SDVGenError as error:  # bad input: the message names it and what is expected
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except torch.OutOfMemoryError:
+        print("error: out of memory; try --memory-mode model_offload or sequential_offload, --tiled-decode, "
+              "or a smaller --width/--height/--frames", file=sys.stderr)
+        return 1
+    except OSError as error:  # the machine, not the input: a full disk, a folder made read-only meanwhile...
+        print(f"error: {_describe_os_error(error)}", file=sys.stderr)
+        return 1
+
+
+def _describe_os_error(error: OSError) -> str:
+    where = f" {error.filename!r}" if error.filename else ""
+    fix = {
+        errno.ENOSPC: "free some disk space or write elsewhere (--out, SDVGEN_CACHE)",
+        errno.EACCES: "check the folder's permissions or write elsewhere",
+        errno.EROFS: "the file system is read-only: write elsewhere",
+        errno.EDQUOT: "the disk quota is used up: free some space or write elsewhere",
+    }.get(error.errno, "check the file and the disk")
+    return f"cannot read or write{where}: {error.strerror or error}; {fix}"
 
 
 if __name__ == "__main__":

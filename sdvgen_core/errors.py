@@ -13,5 +13,9 @@ class LoraLoadError(SDVGenError):
     """A LoRA file cannot be used with the loaded model."""
 
 
+class NonFiniteError(SDVGenError):
+    """NaN or inf met in a tensor that would otherwise become a black or garbage video."""
+
+
 class GenerationCancelled(RuntimeError):
     """Raised from a step callback to stop sampling; the pipeline frees its step tensors on the way out."""

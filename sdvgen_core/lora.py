@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from torch import nn
 
 from .errors import LoraLoadError
 from .files import atomic_output
+from .validation import LORA_STRENGTH_RANGE, check_float
 
 logger = logging.getLogger(__name__)
 
@@ -69,24 +71,74 @@ class LoraFileInfo:
     alpha: float
     alpha_source: str  # "sdvgen", "diffusers-metadata" or "release-default"
     metadata: dict[str, str] = field(default_factory=dict)
+    file_id: tuple[int, int, int] = (0, 0, 0)  # (size, mtime in ns, inode) when read: a replaced file differs
+
+    def is_file(self, path: str | os.PathLike) -> bool:
+        """Whether `path` is the file this was read from, unchanged since (same place, size, time and inode)."""
+        return Path(path).resolve() == Path(self.path).resolve() and file_identity(path) == self.file_id
+
+
+def file_identity(path: str | os.PathLike) -> tuple[int, int, int]:
+    """(size, mtime_ns, inode) of `path`, or zeros if it cannot be stat'ed (never equal to a real file's)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (0, 0, 0)
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@dataclass
+class PreparedLora:
+    """A LoRA file read and checked against a model, not yet applied to it (`apply_lora` does that)."""
+
+    tensors: dict[str, torch.Tensor]  # normalized keys `<module>.lora_A.weight`
+    config: dict  # PEFT LoraConfig fields for `load_lora_adapter`
+    info: LoraFileInfo
+
+
+def _existing_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise LoraLoadError(f"LoRA path {str(path)!r} is a folder; give the .safetensors file inside it")
+    if not path.is_file():
+        raise LoraLoadError(f"LoRA file {str(path)!r} does not exist")
+    return path
+
+
+def _unreadable(path: Path, error: Exception) -> LoraLoadError:
+    hint = " (a pickle .pt/.ckpt/.bin file? those are never loaded: convert it to safetensors)"
+    return LoraLoadError(f"LoRA file {str(path)!r} is not a readable safetensors file{hint}: {error}")
 
 
 def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header metadata of a safetensors file; never unpickles anything."""
-    path = Path(path)
-    if not path.is_file():
-        raise LoraLoadError(f"LoRA file {str(path)!r} does not exist")
+    path = _existing_file(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
             metadata = dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError) as error:
-        hint = " (a pickle .pt/.ckpt/.bin file? those are never loaded: convert it to safetensors)"
-        raise LoraLoadError(f"LoRA file {str(path)!r} is not a readable safetensors file{hint}: {error}") from None
+        raise _unreadable(path, error) from None
     return tensors, metadata
 
 
-def _normalize_keys(tensors: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+def check_lora_header(path: str | os.PathLike) -> int:
+    """Check a LoRA file from its header alone (no tensors read): readable safetensors, only LoRA keys, and as
+    many modules as its header states. Returns the module count. The full check against a model is `prepare_lora`.
+    """
+    path = _existing_file(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            keys, metadata = list(handle.keys()), dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as error:
+        raise _unreadable(path, error) from None
+    normalized = _normalize_keys(dict.fromkeys(keys), str(path))
+    modules = {key.split(".lora_A.")[0]: 0 for key in normalized if ".lora_A." in key}
+    _check_module_count(metadata, modules, str(path))
+    return len(modules)
+
+
+def _normalize_keys(tensors: dict[str, torch.Tensor | None], path: str) -> dict[str, torch.Tensor | None]:
     """Strip `transformer.` / `base_model.model.` prefixes and PEFT adapter names; reject non-LoRA tensors."""
     if not any(".lora_A." in key or ".lora_B." in key for key in tensors):
         raise LoraLoadError(
@@ -178,38 +230,65 @@ def _module_ranks(tensors: dict[str, torch.Tensor], transformer: nn.Module, path
     return ranks
 
 
-def _alphas(metadata: dict[str, str], ranks: dict[str, int]) -> tuple[dict[str, float], str]:
+def _alphas(metadata: dict[str, str], ranks: dict[str, int], path: str) -> tuple[dict[str, float], str]:
     """Per-module alpha: from diffusers' adapter metadata if present, else the release's alpha = rank / 2."""
     raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
     if raw:
-        config = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
-        if "lora_alpha" in config:
-            default = float(config["lora_alpha"])
-            pattern = config.get("alpha_pattern") or {}
-            alphas = {
-                name: float(next((a for p, a in pattern.items() if name == p or name.endswith("." + p)), default))
-                for name in ranks
-            }
-            return alphas, "sdvgen" if "sdvgen.format_version" in metadata else "diffusers-metadata"
+        try:
+            config = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
+            if "lora_alpha" in config:
+                default = float(config["lora_alpha"])
+                pattern = config.get("alpha_pattern") or {}
+                alphas = {
+                    name: float(next((a for p, a in pattern.items() if name == p or name.endswith("." + p)), default))
+                    for name in ranks
+                }
+                bad = next((name for name, a in alphas.items() if not (math.isfinite(a) and a > 0)), None)
+                if bad is not None:
+                    raise ValueError(f"alpha {alphas[bad]} for module {bad!r} is not a positive finite number")
+                return alphas, "sdvgen" if "sdvgen.format_version" in metadata else "diffusers-metadata"
+        except (ValueError, TypeError, AttributeError) as error:
+            raise LoraLoadError(f"{path!r}: header entry {LORA_ADAPTER_METADATA_KEY!r} is unusable: {error}") from None
     return {name: rank * RELEASE_ALPHA / RELEASE_RANK for name, rank in ranks.items()}, "release-default"
 
 
-def load_lora(
-    transformer: nn.Module,
-    path: str | os.PathLike,
-    strength: float = 1.0,
-    adapter_name: str = DEFAULT_ADAPTER,
-) -> LoraFileInfo:
-    """Validate `path` against `transformer`, then load it as PEFT adapter `adapter_name` at `strength`.
+def _check_values(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Refuse NaN/inf weights (they would make every video black), naming the first bad key."""
+    for key in sorted(tensors):
+        if not torch.isfinite(tensors[key]).all():
+            raise LoraLoadError(
+                f"{path!r} has NaN or infinite values at 'transformer.{key}'; the file is damaged (or was saved "
+                f"from a diverged training run): use another checkpoint"
+            )
 
-    Replaces an adapter of the same name (unfusing first). Raises `LoraLoadError` naming the file and the first bad key.
+
+def _check_module_count(metadata: dict[str, str], ranks: dict[str, int], path: str) -> None:
+    """A file whose header states how many modules it holds must hold that many (else it was cut or merged badly)."""
+    stated = metadata.get("sdvgen.num_modules")
+    if stated is None:
+        return
+    if not stated.isdigit() or int(stated) != len(ranks):
+        raise LoraLoadError(
+            f"{path!r}: the header says it holds {stated} LoRA modules but the file has {len(ranks)}; the file is "
+            f"incomplete or damaged: re-export or re-download it"
+        )
+
+
+def prepare_lora(transformer: nn.Module, path: str | os.PathLike) -> PreparedLora:
+    """Read `path` and check it completely against `transformer` without changing the model.
+
+    Raises `LoraLoadError` naming the file and the first bad key (wrong model, shapes, NaN/inf values,
+    a header that disagrees with the contents).
     """
     path = str(path)
+    file_id = file_identity(path)
     tensors, metadata = read_lora_file(path)
     tensors = _normalize_keys(tensors, path)
     _check_family(tensors, metadata, transformer, path)
     ranks = _module_ranks(tensors, transformer, path)
-    alphas, alpha_source = _alphas(metadata, ranks)
+    _check_module_count(metadata, ranks, path)
+    _check_values(tensors, path)
+    alphas, alpha_source = _alphas(metadata, ranks, path)
 
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
@@ -220,42 +299,106 @@ def load_lora(
         "rank_pattern": {name: r for name, r in ranks.items() if r != rank},
         "alpha_pattern": {name: a for name, a in alphas.items() if a != alpha},
     }
-    if is_fused(transformer):  # deleting a merged adapter would leave its delta in the base weights
-        transformer.unfuse_lora()
+    sdvgen_metadata = {k: v for k, v in metadata.items() if k.startswith("sdvgen.")}
+    info = LoraFileInfo(path, len(ranks), rank, alpha, alpha_source, sdvgen_metadata, file_id)
+    return PreparedLora(tensors, config, info)
+
+
+def apply_lora(
+    transformer: nn.Module, prepared: PreparedLora, strength: float = 1.0, adapter_name: str = DEFAULT_ADAPTER
+) -> LoraFileInfo:
+    """Load a prepared LoRA as adapter `adapter_name` at `strength`, replacing one of that name (unfused first)."""
+    unfuse_lora(transformer)  # deleting a merged adapter would leave its delta in the base weights
     if adapter_name in getattr(transformer, "peft_config", {}):
         transformer.delete_adapters(adapter_name)
     model_dtype = next(transformer.parameters()).dtype
     transformer.load_lora_adapter(
-        {k: v.to(model_dtype) for k, v in tensors.items()}, prefix=None, adapter_name=adapter_name, metadata=config
+        {k: v.to(model_dtype) for k, v in prepared.tensors.items()}, prefix=None, adapter_name=adapter_name,
+        metadata=prepared.config,
     )
+    info = prepared.info
     loaded = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
-    if set(loaded) != set(tensors):
-        missing = sorted(set(tensors) - set(loaded))
-        raise LoraLoadError(f"{path!r}: {len(missing)} LoRA tensors did not load, first {missing[:1]}")
+    if set(loaded) != set(prepared.tensors):
+        transformer.delete_adapters(adapter_name)
+        missing = sorted(set(prepared.tensors) - set(loaded))
+        raise LoraLoadError(f"{info.path!r}: {len(missing)} LoRA tensors did not load, first {missing[:1]}")
     transformer.set_adapters([adapter_name], weights=[strength])
     logger.info(
         "loaded LoRA %s: %d modules, rank %d, alpha %s (%s), strength %s",
-        path, len(ranks), rank, alpha, alpha_source, strength,
+        info.path, info.num_modules, info.rank, info.alpha, info.alpha_source, strength,
     )
-    sdvgen_metadata = {k: v for k, v in metadata.items() if k.startswith("sdvgen.")}
-    return LoraFileInfo(path, len(ranks), rank, alpha, alpha_source, sdvgen_metadata)
+    return info
+
+
+def load_lora(
+    transformer: nn.Module,
+    path: str | os.PathLike,
+    strength: float = 1.0,
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> LoraFileInfo:
+    """Validate `path` against `transformer`, then load it as PEFT adapter `adapter_name` at `strength`.
+
+    Replaces an adapter of the same name (unfusing first). Raises `LoraLoadError` naming the file and the
+    first bad key; a refused file leaves the model as it was.
+    """
+    strength = check_float("LoRA strength", strength, *LORA_STRENGTH_RANGE)
+    return apply_lora(transformer, prepare_lora(transformer, path), strength, adapter_name)
 
 
 def is_fused(transformer: nn.Module) -> bool:
     """Whether any LoRA layer of `transformer` is merged into its base weights."""
+    return any(m.merged for _, m in _tuner_layers(transformer))
+
+
+def _tuner_layers(transformer: nn.Module):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return any(isinstance(m, BaseTunerLayer) and m.merged for m in transformer.modules())
+    return [(name, m) for name, m in transformer.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def fuse_lora(transformer: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> None:
+    """Merge the adapter into the base weights, keeping a CPU copy of every weight it changes.
+
+    `unfuse_lora` puts those copies back, so fusing and unfusing (any number of times, at any strength)
+    leaves the base model bit-identical; subtracting the delta again, as PEFT does, would not in bf16.
+    The copy costs as much CPU memory as the LoRA-targeted weights (ComfyUI keeps the same backup).
+    """
+    if is_fused(transformer):
+        return
+    backup = {
+        name: module.get_base_layer().weight.detach().to("cpu", copy=True) for name, module in _tuner_layers(transformer)
+    }
+    transformer._sdvgen_base_weights = backup
+    try:
+        transformer.fuse_lora(adapter_names=[adapter_name], safe_fusing=True)
+    except ValueError as error:  # safe_fusing: the merge overflowed to NaN/inf (e.g. fp16 at a high strength)
+        unfuse_lora(transformer)
+        raise LoraLoadError(f"fusing the LoRA gives NaN/inf weights ({error}); lower its strength or use bf16/fp32") from None
+
+
+def unfuse_lora(transformer: nn.Module) -> None:
+    """Undo `fuse_lora`, restoring the base weights exactly from the copy taken when fusing."""
+    backup = getattr(transformer, "_sdvgen_base_weights", None)
+    if is_fused(transformer):
+        transformer.unfuse_lora()
+    if backup is None:
+        return
+    with torch.no_grad():
+        for name, module in _tuner_layers(transformer):
+            if name in backup:
+                weight = module.get_base_layer().weight
+                weight.copy_(backup[name].to(device=weight.device, dtype=weight.dtype))
+    del transformer._sdvgen_base_weights
 
 
 def set_lora_strength(transformer: nn.Module, strength: float, adapter_name: str = DEFAULT_ADAPTER) -> None:
     """Change the strength of a loaded adapter; a fused model is unfused, rescaled and fused again."""
+    strength = check_float("LoRA strength", strength, *LORA_STRENGTH_RANGE)
     fused = is_fused(transformer)
-    if fused:
-        transformer.unfuse_lora()
+    unfuse_lora(transformer)
     transformer.set_adapters([adapter_name], weights=[strength])
     if fused:
-        transformer.fuse_lora(adapter_names=[adapter_name])
+        fuse_lora(transformer, adapter_name)
 
 
 def lora_state_dict_for_file(

@@ -27,11 +27,12 @@ from diffusers import (
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
 from transformers import AutoTokenizer, T5EncoderModel
 
-from .errors import ModelLoadError, SDVGenError
-from .lora import DEFAULT_ADAPTER, LoraFileInfo, is_fused, load_lora
+from .errors import ModelLoadError, NonFiniteError, SDVGenError
+from .lora import DEFAULT_ADAPTER, LoraFileInfo, apply_lora, check_lora_header, fuse_lora, prepare_lora, unfuse_lora
 from .prompts import ClsTokenInfo, add_cls_token, encode_prompts
 from .reference import FitMode, ImageInput, encode_reference, prepare_reference_image
 from .transformer import SDVGenTransformer3DModel
+from .validation import LORA_STRENGTH_RANGE, GenerationLimits, check_float, check_generation_settings, check_tiles, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +103,22 @@ def check_model_dir(model_dir: str | os.PathLike) -> Path:
     return root
 
 
+def check_finite(tensor: torch.Tensor, what: str, hint: str) -> None:
+    """Raise `NonFiniteError` if `tensor` holds NaN or inf (one reduction: cheap next to a model pass)."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteError(f"{what} contain NaN or infinite values; {hint}")
+
+
+def non_finite_hint(dtype: torch.dtype) -> str:
+    """The likely cause of NaN/inf in a model running in `dtype`, phrased as what to try."""
+    if dtype == torch.float16:
+        return "fp16 overflows easily on this model: try precision bf16 or fp32"
+    return "a LoRA, LoRA strength or guidance scale far outside its usual range is the usual cause"
+
+
 class SDVGenPipelineMixin:
-    """Backbone-independent controls shared by the CogVideoX and Wan SDV-Gen pipelines (LoRA, memory modes).
+    """Backbone-independent controls shared by the CogVideoX and Wan SDV-Gen pipelines (LoRA, memory modes,
+    argument checks).
 
     The pipeline sets `lora_info`, `memory_mode` and `memory_device` in its `__init__`.
     """
@@ -113,36 +128,50 @@ class SDVGenPipelineMixin:
     ) -> LoraFileInfo | None:
         """Load the SDV-Gen LoRA (or replace it, or remove it with `path=None`) at `strength`; `fuse` merges it.
 
-        The same file again only changes strength and fusing. Safe under every memory mode: offload hooks
+        `lora_info` always describes what is applied. A file that is refused (missing, damaged, for another
+        model, NaN values) or a bad strength changes nothing: the previous LoRA stays applied and reported.
+        The same unchanged file again only changes strength and fusing; a file replaced on disk since it was
+        read (other size, time or inode) is read again. Safe under every memory mode: offload hooks
         (sequential offload parks the weights on the meta device) are taken off while the weights change
         and put back afterwards.
         """
+        strength = check_float("lora_strength", strength, *LORA_STRENGTH_RANGE)
+        same_file = path is not None and self.lora_info is not None and self.lora_info.is_file(path)
+        prepared = prepare_lora(self.transformer, path) if path is not None and not same_file else None
         offloaded = self.memory_mode is not MemoryMode.ON_DEVICE
         if offloaded:
             self.remove_all_hooks()
         try:
-            if is_fused(self.transformer):
-                self.transformer.unfuse_lora()
+            unfuse_lora(self.transformer)
             if path is None:
-                if DEFAULT_ADAPTER in getattr(self.transformer, "peft_config", {}):
-                    self.transformer.delete_adapters(DEFAULT_ADAPTER)
-                self.lora_info = None
-            elif self.lora_info is not None and Path(self.lora_info.path) == Path(path):
+                self._remove_lora()
+            elif same_file:
                 self.transformer.set_adapters([DEFAULT_ADAPTER], weights=[strength])
             else:
-                self.lora_info = None  # until the new file is in: a failed load leaves no stale record
-                self.lora_info = load_lora(self.transformer, path, strength=strength, adapter_name=DEFAULT_ADAPTER)
+                try:
+                    self.lora_info = apply_lora(self.transformer, prepared, strength, adapter_name=DEFAULT_ADAPTER)
+                except BaseException:
+                    self._remove_lora()  # half-loaded: take it out entirely, so nothing unreported stays applied
+                    raise
             if fuse and self.lora_info is not None:
-                self.transformer.fuse_lora(adapter_names=[DEFAULT_ADAPTER])
+                fuse_lora(self.transformer, DEFAULT_ADAPTER)
         finally:
             if offloaded:
                 self.set_memory_mode(self.memory_mode, self.memory_device)
         return self.lora_info
 
+    def _remove_lora(self) -> None:
+        if DEFAULT_ADAPTER in getattr(self.transformer, "peft_config", {}):
+            self.transformer.delete_adapters(DEFAULT_ADAPTER)
+        self.lora_info = None
+
     def set_memory_mode(self, mode: MemoryMode | str, device: torch.device | str) -> None:
         """Place the models: all on `device`, or offloaded to the CPU and brought to `device` when used."""
-        mode = MemoryMode(mode)
-        device = torch.device(device)
+        try:
+            mode = MemoryMode(mode)
+        except ValueError:
+            raise SDVGenError(f"memory mode {mode!r} is not one of {[m.value for m in MemoryMode]}") from None
+        device = resolve_device(device)
         if mode is not MemoryMode.ON_DEVICE and device.type == "cpu":
             logger.warning("memory mode %s needs an accelerator; running everything on the CPU", mode.value)
             mode = MemoryMode.ON_DEVICE
@@ -155,6 +184,30 @@ class SDVGenPipelineMixin:
             self.enable_sequential_cpu_offload(device=device)
         self.memory_mode = mode
         self.memory_device = device
+
+
+    def generation_limits(self) -> GenerationLimits:
+        """The sizes and step counts this model can generate."""
+        return GenerationLimits.from_configs(
+            dict(self.transformer.config), dict(self.vae.config), dict(self.scheduler.config)
+        )
+
+    def check_generation_args(
+        self,
+        height: int,
+        width: int,
+        num_frames: int,
+        num_inference_steps: int,
+        guidance_scale: float = 6.0,
+        reference_guidance_scale: float = 0.0,
+        eta: float = 0.0,
+    ) -> None:
+        """Raise `SDVGenError` naming the first setting that is not a finite number in its range (any backbone)."""
+        check_generation_settings(
+            self.generation_limits(), height=height, width=width, num_frames=num_frames,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            reference_guidance_scale=reference_guidance_scale, eta=eta,
+        )
 
 
 class SDVGenPipeline(SDVGenPipelineMixin, CogVideoXPipeline):
@@ -188,6 +241,12 @@ class SDVGenPipeline(SDVGenPipelineMixin, CogVideoXPipeline):
         """
         root = check_model_dir(model_dir)
         torch_dtype = resolve_dtype(dtype)
+        scheduler_class = SCHEDULERS.get(scheduler)
+        if scheduler_class is None:
+            raise SDVGenError(f"scheduler {scheduler!r} is not one of {sorted(SCHEDULERS)}")
+        if lora_path is not None:  # what can be checked without the model, before minutes of loading
+            check_float("lora_strength", lora_strength, *LORA_STRENGTH_RANGE)
+            check_lora_header(lora_path)
         try:
             transformer = SDVGenTransformer3DModel.from_pretrained(
                 root, subfolder="transformer", torch_dtype=torch_dtype, use_safetensors=True
@@ -202,9 +261,6 @@ class SDVGenPipeline(SDVGenPipelineMixin, CogVideoXPipeline):
         except (OSError, ValueError, KeyError) as error:
             raise ModelLoadError(f"cannot load the model in {str(root)!r}: {error}") from error
         transformer.check_supported()
-        scheduler_class = SCHEDULERS.get(scheduler)
-        if scheduler_class is None:
-            raise SDVGenError(f"scheduler {scheduler!r} is not one of {sorted(SCHEDULERS)}")
         pipe = cls(tokenizer, text_encoder, vae, transformer, scheduler_class.from_pretrained(root, subfolder="scheduler"))
         if lora_path is not None:
             pipe.set_lora(lora_path, lora_strength, fuse=fuse_lora)
@@ -237,17 +293,15 @@ class SDVGenPipeline(SDVGenPipelineMixin, CogVideoXPipeline):
         pixels = prepare_reference_image(image, height, width, fit=fit, subject_mask=subject_mask)
         return encode_reference(self.vae, pixels, generator=generator, device=self._execution_device)
 
-    def check_generation_args(self, height: int, width: int, num_frames: int, num_inference_steps: int) -> None:
-        multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size
-        if height <= 0 or width <= 0 or height % multiple or width % multiple:
-            raise SDVGenError(f"size {width}x{height} must be positive multiples of {multiple} (e.g. 720x480)")
-        limit = self.transformer.config.sample_frames
-        if num_frames < 1 or (num_frames - 1) % self.vae_scale_factor_temporal or num_frames > limit:
+    def _check_reference_latents_shape(self, latents: torch.Tensor, height: int, width: int, batch_size: int) -> None:
+        factor = self.vae_scale_factor_spatial
+        channels = self.transformer.config.in_channels
+        expected = (1, channels, height // factor, width // factor)
+        if latents.ndim != 5 or tuple(latents.shape[1:]) != expected or latents.shape[0] not in (1, batch_size):
             raise SDVGenError(
-                f"frames={num_frames} must be 4k+1 (1, 5, 9, ..., {limit}) and at most the model's {limit}"
+                f"reference_latents have shape {tuple(latents.shape)}; a {width}x{height} video needs "
+                f"[1 or {batch_size}, {', '.join(map(str, expected))}] (encode the reference at the video size)"
             )
-        if num_inference_steps < 1:
-            raise SDVGenError(f"steps={num_inference_steps} must be at least 1")
 
     @torch.no_grad()
     def __call__(
@@ -280,7 +334,20 @@ class SDVGenPipeline(SDVGenPipelineMixin, CogVideoXPipeline):
         `[B, 226, D]` replace `prompt` / `negative_prompt` when the text was encoded beforehand (ComfyUI's
         prompt node encodes once and its result is cached).
         """
-        self.check_generation_args(height, width, num_frames, num_inference_steps)
+        self.check_generation_args(
+            height, width, num_frames, num_inference_steps, guidance_scale, reference_guidance_scale, eta
+        )
+        if output_type not in ("pt", "latent"):
+            raise SDVGenError(f"output_type {output_type!r} is not one of ['latent', 'pt']")
+        for name, tensor in (("reference_latents", reference_latents), ("prompt_embeds", prompt_embeds),
+                             ("negative_prompt_embeds", negative_prompt_embeds)):
+            if tensor is not None:
+                check_finite(tensor, f"{name} (given by the caller)", non_finite_hint(self.transformer.dtype))
+        # The image is fitted (and checked: NaN, mask size, fit mode) before the text encoder or VAE runs.
+        reference_pixels = (
+            None if reference_image is None
+            else prepare_reference_image(reference_image, height, width, fit=fit, subject_mask=subject_mask)
+        )
         if reference_guidance_scale and reference_image is None and reference_latents is None:
             raise SDVGenError("reference_guidance_scale needs a reference image")
         if (prompt is None) == (prompt_embeds is None):
@@ -296,13 +363,16 @@ class SDVGenPipeline(SDVGenPipelineMixin, CogVideoXPipeline):
             negative_prompt_embeds=negative_prompt_embeds, device=device, dtype=dtype,
         )
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+        check_finite(prompt_embeds, "the prompt embeddings", non_finite_hint(self.transformer.dtype))
         if negative_embeds is not None:
             negative_embeds = negative_embeds.to(device=device, dtype=dtype)
-        if reference_image is not None:
-            reference_latents = self.encode_reference_image(
-                reference_image, height, width, fit=fit, subject_mask=subject_mask, generator=generator
+            check_finite(negative_embeds, "the negative prompt embeddings", non_finite_hint(self.transformer.dtype))
+        if reference_pixels is not None:
+            reference_latents = encode_reference(
+                self.vae, reference_pixels, generator=generator, device=self._execution_device
             )
         if reference_latents is not None:
+            self._check_reference_latents_shape(reference_latents, height, width, batch_size)
             reference_latents = reference_latents.to(device=device, dtype=dtype)
             if reference_latents.shape[0] == 1 and batch_size > 1:
                 reference_latents = reference_latents.expand(batch_size, -1, -1, -1, -1)
@@ -358,6 +428,10 @@ class SDVGenPipeline(SDVGenPipelineMixin, CogVideoXPipeline):
                         step_output = self.scheduler.step(velocity, t, latents, **extra_step_kwargs)
                         latents, denoised = step_output.prev_sample, step_output.pred_original_sample
                     latents = latents.to(dtype)
+                    check_finite(
+                        latents, f"the latents after sampling step {i + 1} of {num_inference_steps}",
+                        non_finite_hint(self.transformer.dtype),
+                    )
                     progress_bar.update()
                     if callback is not None:
                         callback(StepInfo(i, num_inference_steps, int(t), latents, denoised))
@@ -381,6 +455,8 @@ class SDVGenPipeline(SDVGenPipelineMixin, CogVideoXPipeline):
         `tiled` decodes in overlapping spatial tiles, `sliced` one video of the batch at a time; both trade
         speed for memory.
         """
+        check_tiles(tile_sample_min_height, tile_sample_min_width, tile_overlap_factor)
+        check_finite(latents, "the latents to decode", "they come from a failed or fp16-overflowed sampling run")
         if tiled:
             self.vae.enable_tiling(
                 tile_sample_min_height, tile_sample_min_width, tile_overlap_factor, tile_overlap_factor
@@ -397,4 +473,5 @@ class SDVGenPipeline(SDVGenPipelineMixin, CogVideoXPipeline):
         # 49 frames); an even count comes back as 4T frames, whose 3 leading extras are dropped.
         expected = self.vae_scale_factor_temporal * (latents.shape[1] - 1) + 1
         frames = frames[:, :, frames.shape[2] - expected :]
+        check_finite(frames, "the decoded frames", non_finite_hint(self.transformer.dtype))
         return ((frames.float() / 2 + 0.5).clamp(0, 1)).permute(0, 2, 1, 3, 4)

@@ -8,6 +8,9 @@ multiplied by the VAE scaling factor.
 
 from __future__ import annotations
 
+import io
+import logging
+import os
 from enum import Enum
 from typing import Union
 
@@ -17,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLCogVideoX
 from einops import rearrange
-from PIL import Image
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from .errors import SDVGenError
+from .errors import NonFiniteError, SDVGenError
+
+logger = logging.getLogger(__name__)
 
 ImageInput = Union[Image.Image, np.ndarray, torch.Tensor]
 
@@ -30,44 +35,120 @@ class FitMode(str, Enum):
     STRETCH = "stretch"  # resize to the target, ignoring aspect ratio
 
 
-def image_to_tensor(image: ImageInput) -> tuple[torch.Tensor, torch.Tensor | None]:
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file fully (pixels read now); `SDVGenError` naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as error:
+        reason = "it does not exist" if isinstance(error, FileNotFoundError) else f"{type(error).__name__}: {error}"
+        raise SDVGenError(f"cannot read the image {str(path)!r}: {reason}") from None
+
+
+def _to_srgb(image: Image.Image) -> Image.Image:
+    """Apply an embedded ICC profile (Display P3, Adobe RGB, CMYK press profiles...) as a photo viewer does."""
+    icc = image.info.get("icc_profile")
+    if not icc:
+        return image
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if "srgb" in ImageCms.getProfileDescription(profile).lower():
+            return image
+        alpha = image.getchannel("A") if image.mode in ("RGBA", "LA", "PA") else None
+        source = image.convert("RGB") if alpha is not None else image
+        converted = ImageCms.profileToProfile(source, profile, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        if alpha is not None:
+            converted.putalpha(alpha)
+        return converted
+    except (ImageCms.PyCMSError, OSError, ValueError) as error:
+        logger.warning("ignoring the image's unusable ICC colour profile (%s); colours may be off", error)
+        return image
+
+
+def pil_to_array(image: Image.Image) -> np.ndarray:
+    """PIL image -> `H x W x C` array as a photo viewer shows it: EXIF rotation, ICC colours, deep modes by range.
+
+    8-bit modes give uint8; 16-bit (`I;16*`) gives uint16; 32-bit int (`I`) and float (`F`) give float32
+    scaled to 0..1 by their value range (see `unit_range`). Transparency (alpha, `LA`, palette) is kept
+    as a fourth channel.
+    """
+    image = _to_srgb(ImageOps.exif_transpose(image))
+    if image.mode.startswith("I;16"):
+        return np.asarray(image).astype(np.uint16)[:, :, None]
+    if image.mode in ("I", "F"):
+        return unit_range(torch.from_numpy(np.asarray(image, dtype=np.float32).copy()), "image").numpy()[:, :, None]
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    try:
+        return np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
+    except ValueError as error:
+        raise SDVGenError(f"image mode {image.mode!r} cannot be converted to RGB: {error}") from None
+
+
+# Values a little outside 0..1 (resampling overshoot from other nodes) are clipped, not rescaled.
+_OVERSHOOT = 0.05
+
+
+def unit_range(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """Float pixels -> 0..1, judged by their range: 0..1 as is, else 0..255 or 0..65535 data is rescaled.
+
+    NaN/inf, negative values or values beyond 65535 are refused naming `what`.
+    """
+    tensor = tensor.float()
+    if not torch.isfinite(tensor).all():
+        raise SDVGenError(f"{what} has NaN or infinite values")
+    low, high = (tensor.min().item(), tensor.max().item()) if tensor.numel() else (0.0, 0.0)
+    if low < -_OVERSHOOT:
+        raise SDVGenError(f"{what} has values from {low:g} to {high:g}; expected 0..1 (or 0..255 / 0..65535 data)")
+    if high <= 1.0 + _OVERSHOOT:
+        return tensor.clamp(0.0, 1.0)
+    for scale in (255.0, 65535.0):
+        if high <= scale:
+            logger.warning("%s has values up to %g; reading it as 0..%d data", what, high, scale)
+            return (tensor / scale).clamp(0.0, 1.0)
+    raise SDVGenError(f"{what} has values up to {high:g}; expected 0..1 (or 0..255 / 0..65535 data)")
+
+
+def image_to_tensor(image: ImageInput, what: str = "reference image") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Image -> (`[1, 3, H, W]` float RGB in 0..1, `[1, 1, H, W]` alpha or None).
 
-    PIL images and arrays are `H x W [x C]` (uint8 0..255 or float 0..1); tensors are `[C, H, W]` or
-    `[1, C, H, W]` floats in 0..1. C may be 1 (gray), 3 (RGB) or 4 (RGBA).
+    PIL images are read as a photo viewer shows them (`pil_to_array`). Arrays are `H x W [x C]`: uint8
+    0..255, uint16 0..65535, bool, or floats judged by range (`unit_range`). Tensors are `[C, H, W]` or
+    `[1, C, H, W]` floats in 0..1 (judged by range the same way). C may be 1 (gray), 2 (gray + alpha),
+    3 (RGB) or 4 (RGBA). `what` names the input in errors.
     """
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGBA") if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
-                           else image.convert("RGB"))
+        image = pil_to_array(image)
     if isinstance(image, np.ndarray):
         array = image
         if array.ndim == 2:
             array = array[:, :, None]
         if array.ndim != 3:
-            raise SDVGenError(f"reference image array must be H x W or H x W x C; got shape {array.shape}")
-        tensor = torch.from_numpy(np.array(array)).permute(2, 0, 1)
-        tensor = tensor.float() / 255.0 if array.dtype == np.uint8 else tensor.float()
+            raise SDVGenError(f"{what} array must be H x W or H x W x C; got shape {array.shape}")
+        scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(bool): 1.0}.get(array.dtype.newbyteorder("="))
+        if scale is None and not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+            raise SDVGenError(f"{what} array has dtype {array.dtype}; expected uint8, uint16, bool or float")
+        tensor = torch.from_numpy(np.array(array, dtype=np.float32)).permute(2, 0, 1)
+        tensor = tensor / scale if scale is not None else unit_range(tensor, what)
     elif isinstance(image, torch.Tensor):
-        tensor = image.detach().float().cpu()
+        tensor = image.detach().cpu()
         if tensor.ndim == 4:
             if tensor.shape[0] != 1:
                 raise SDVGenError(
-                    f"reference image batch has {tensor.shape[0]} images; pass one image ([1, C, H, W] or [C, H, W])"
+                    f"{what} batch has {tensor.shape[0]} images; pass one image ([1, C, H, W] or [C, H, W])"
                 )
             tensor = tensor[0]
         if tensor.ndim != 3:
-            raise SDVGenError(f"reference image tensor must be [C, H, W] or [1, C, H, W]; got {tuple(image.shape)}")
+            raise SDVGenError(f"{what} tensor must be [C, H, W] or [1, C, H, W]; got {tuple(image.shape)}")
+        tensor = tensor.float() / 255.0 if tensor.dtype == torch.uint8 else unit_range(tensor, what)
     else:
-        raise SDVGenError(f"reference image must be a PIL image, numpy array or torch tensor; got {type(image).__name__}")
+        raise SDVGenError(f"{what} must be a PIL image, numpy array or torch tensor; got {type(image).__name__}")
 
     channels, height, width = tensor.shape
     if channels not in (1, 2, 3, 4):
-        raise SDVGenError(f"reference image has {channels} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA)")
+        raise SDVGenError(f"{what} has {channels} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA)")
     if height < 8 or width < 8:
-        raise SDVGenError(f"reference image is {width}x{height}; it must be at least 8x8 pixels")
-    if not torch.isfinite(tensor).all():
-        raise SDVGenError("reference image has NaN or infinite values")
-    tensor = tensor.clamp(0.0, 1.0)
+        raise SDVGenError(f"{what} is {width}x{height}; it must be at least 8x8 pixels")
     alpha = None
     if channels in (2, 4):
         alpha, tensor = tensor[-1:][None], tensor[:-1]
@@ -116,8 +197,10 @@ def prepare_reference_image(
         raise SDVGenError(f"generation size {width}x{height} must be positive multiples of 16")
     rgb, mask = image_to_tensor(image)
     if subject_mask is not None:
-        mask_tensor = subject_mask if isinstance(subject_mask, torch.Tensor) else image_to_tensor(subject_mask)[0][:, :1]
-        mask_tensor = mask_tensor.detach().float().cpu()
+        if isinstance(subject_mask, torch.Tensor):
+            mask_tensor = unit_range(subject_mask.detach().cpu(), "subject mask")
+        else:
+            mask_tensor = image_to_tensor(subject_mask, "subject mask")[0][:, :1]
         mask_tensor = mask_tensor.reshape(1, 1, *mask_tensor.shape[-2:])
         if mask_tensor.shape[-2:] != rgb.shape[-2:]:
             raise SDVGenError(
@@ -148,4 +231,7 @@ def encode_reference(
     param = next(vae.parameters())
     video = rearrange(image * 2.0 - 1.0, "b c h w -> b c 1 h w").to(device=device or param.device, dtype=param.dtype)
     latent = vae.encode(video).latent_dist.sample(generator=generator) * vae.config.scaling_factor
+    if not torch.isfinite(latent).all():
+        hint = "the VAE overflows in fp16: use precision bf16 or fp32" if param.dtype == torch.float16 else "the VAE weights may be damaged"
+        raise NonFiniteError(f"the reference latents from the VAE contain NaN or infinite values; {hint}")
     return rearrange(latent, "b c t h w -> b t c h w")

@@ -24,7 +24,9 @@ from .pipeline import (
     SDVGenPipelineMixin,
     StepCallback,
     StepInfo,
+    check_finite,
     check_model_dir,
+    non_finite_hint,
     resolve_dtype,
 )
 from .prompts import ClsTokenInfo, add_cls_token, tokenize_prompts
@@ -172,19 +174,6 @@ class SDVGenWanPipeline(SDVGenPipelineMixin, WanPipeline):
             device=self._execution_device,
         )
 
-    def check_generation_args(self, height: int, width: int, num_frames: int, num_inference_steps: int) -> None:
-        multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
-        if height <= 0 or width <= 0 or height % multiple or width % multiple:
-            raise SDVGenError(f"size {width}x{height} must be positive multiples of {multiple} (e.g. 1280x704)")
-        if num_frames < 1 or (num_frames - 1) % self.vae_scale_factor_temporal:
-            raise SDVGenError(f"frames={num_frames} must be 4k+1 (1, 5, 9, ..., 121)")
-        latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
-        limit = self.transformer.config.rope_max_seq_len
-        if latent_frames + 1 > limit or max(height, width) // multiple > limit:
-            raise SDVGenError(f"{width}x{height}x{num_frames} exceeds the model's position table of {limit}")
-        if num_inference_steps < 1:
-            raise SDVGenError(f"steps={num_inference_steps} must be at least 1")
-
     def _timestep(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """`[B]`, or `[B, T * h/2 * w/2]` per token when the model takes expanded timesteps (TI2V)."""
         if not self.config.expand_timesteps:
@@ -221,7 +210,16 @@ class SDVGenWanPipeline(SDVGenPipelineMixin, WanPipeline):
         `reference_latents` `[B, C, 1, h, w]`; with neither it is plain Wan text-to-video (equal to
         `WanPipeline`). `callback` runs after every step and may raise (e.g. `GenerationCancelled`) to stop.
         """
-        self.check_generation_args(height, width, num_frames, num_inference_steps)
+        self.check_generation_args(
+            height, width, num_frames, num_inference_steps, guidance_scale, reference_guidance_scale
+        )
+        if output_type not in ("pt", "latent"):
+            raise SDVGenError(f"output_type {output_type!r} is not one of ['latent', 'pt']")
+        hint = non_finite_hint(self.transformer.dtype)
+        for name, tensor in (("reference_latents", reference_latents), ("prompt_embeds", prompt_embeds),
+                             ("negative_prompt_embeds", negative_prompt_embeds)):
+            if tensor is not None:
+                check_finite(tensor, f"{name} (given by the caller)", hint)
         reference_timestep = parse_reference_timestep(reference_timestep)
         if reference_guidance_scale and reference_image is None and reference_latents is None:
             raise SDVGenError("reference_guidance_scale needs a reference image")
@@ -238,8 +236,10 @@ class SDVGenWanPipeline(SDVGenPipelineMixin, WanPipeline):
             negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=max_sequence_length, device=device,
         )
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+        check_finite(prompt_embeds, "the prompt embeddings", hint)
         if negative_embeds is not None:
             negative_embeds = negative_embeds.to(device=device, dtype=dtype)
+            check_finite(negative_embeds, "the negative prompt embeddings", hint)
         if reference_image is not None:
             reference_latents = self.encode_reference_image(
                 reference_image, height, width, fit=fit, subject_mask=subject_mask, generator=generator
@@ -278,6 +278,7 @@ class SDVGenWanPipeline(SDVGenPipelineMixin, WanPipeline):
                     # Flow matching: x_t = (1 - σ) x_0 + σ ε and v = ε - x_0, so x_0 = x_t - σ v.
                     denoised = latents - self.scheduler.sigmas[i].to(latents.device) * velocity.float()
                     latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                    check_finite(latents, f"the latents after sampling step {i + 1} of {num_inference_steps}", hint)
                     progress_bar.update()
                     if callback is not None:
                         callback(StepInfo(i, num_inference_steps, int(t), latents, denoised))
@@ -297,6 +298,8 @@ class SDVGenWanPipeline(SDVGenPipelineMixin, WanPipeline):
             self.vae.enable_slicing()
         else:
             self.vae.disable_slicing()
+        check_finite(latents, "the latents to decode", "they come from a failed or fp16-overflowed sampling run")
         latents = latents.to(device=self._execution_device, dtype=self.vae.dtype)
         video = self.vae.decode(denormalize_latents(self.vae, latents), return_dict=False)[0]  # [B, 3, F, H, W]
+        check_finite(video, "the decoded frames", non_finite_hint(self.transformer.dtype))
         return ((video.float() / 2 + 0.5).clamp(0, 1)).permute(0, 2, 1, 3, 4)

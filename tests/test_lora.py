@@ -13,8 +13,8 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdvgen_core.errors import LoraLoadError
-from sdvgen_core.lora import is_fused, load_lora, save_lora, set_lora_strength
+from sdvgen_core.errors import LoraLoadError, SDVGenError
+from sdvgen_core.lora import fuse_lora, is_fused, load_lora, save_lora, set_lora_strength, unfuse_lora
 from sdvgen_core.transformer import SDVGenTransformer3DModel
 
 # The spec's target list, written out here rather than imported, so the test pins it.
@@ -269,3 +269,86 @@ def test_kohya_style_file(model, tmp_path):
     }, str(path))
     with pytest.raises(LoraLoadError, match="non-LoRA tensor"):
         load_lora(model, path)
+
+
+def rewrite_lora(source, path, edit_tensors=lambda t: t, edit_metadata=lambda m: m):
+    with safe_open(str(source), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(edit_tensors(tensors), str(path), metadata=edit_metadata(dict(metadata or {})))
+    return path
+
+
+def with_nan(tensors, key_index=5):
+    key = sorted(tensors)[key_index]
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[3] = float("nan")
+    return tensors
+
+
+def test_nan_lora_is_refused_at_load_and_leaves_the_model_alone(release_lora, model, tmp_path):
+    bad = rewrite_lora(release_lora, tmp_path / "nan.safetensors", with_nan)
+    with safe_open(str(bad), "pt") as f:
+        first_bad = next(k for k in sorted(f.keys()) if not torch.isfinite(f.get_tensor(k)).all())
+    with pytest.raises(LoraLoadError, match=f"nan.safetensors.*NaN or infinite values at '{first_bad}'"):
+        load_lora(model, bad)
+    assert not getattr(model, "peft_config", {})  # never got into the model, so it can never be fused
+
+
+@pytest.mark.parametrize(
+    "edit_tensors, edit_metadata, message",
+    [
+        (lambda t: {k: v for k, v in t.items() if "transformer_blocks.1." not in k}, lambda m: m,
+         r"header says it holds \d+ LoRA modules but the file has \d+"),
+        (lambda t: t, lambda m: {**m, "lora_adapter_metadata": "{not json"}, "header entry 'lora_adapter_metadata' is unusable"),
+        (lambda t: t, lambda m: {**m, "lora_adapter_metadata": '{"transformer.lora_alpha": NaN}'}, "not a positive finite number"),
+    ],
+    ids=["fewer-modules-than-header", "broken-metadata", "nan-alpha"],
+)
+def test_header_that_disagrees_with_the_file(model, tiny_model_dir, tmp_path, edit_tensors, edit_metadata, message):
+    from tiny_lora import write_tiny_lora
+
+    source = write_tiny_lora(tiny_model_dir, tmp_path / "ours.safetensors")
+    bad = rewrite_lora(source, tmp_path / "bad.safetensors", edit_tensors, edit_metadata)
+    with pytest.raises(LoraLoadError, match=f"bad.safetensors.*{message}"):
+        load_lora(model, bad)
+
+
+@pytest.mark.parametrize("strength", [float("nan"), float("inf"), 11.0])
+def test_bad_strength_is_refused(release_lora, model, strength):
+    with pytest.raises(SDVGenError, match="LoRA strength"):
+        load_lora(model, release_lora, strength=strength)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fuse_then_unfuse_or_remove_restores_the_base_weights_exactly(release_lora, tiny_model_dir, dtype):
+    model = fresh(tiny_model_dir).to(dtype)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    load_lora(model, release_lora, strength=0.9)
+    base_names = {k.replace(".base_layer", "") for k in model.state_dict() if "lora_" not in k}
+    for strength in (0.9, 1.7, -0.3):  # re-fusing at other strengths must not drift either
+        set_lora_strength(model, strength)
+        fuse_lora(model)
+        assert is_fused(model)
+    unfuse_lora(model)
+    state = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    assert set(state) == base_names == set(original)
+    assert all(torch.equal(state[k], original[k]) for k in original)
+    fuse_lora(model)
+    load_lora(model, release_lora, strength=0.0)  # replacing a fused adapter unfuses through the backup too
+    state = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(state[k], original[k]) for k in original)
+
+
+@torch.no_grad()
+def test_fusing_that_overflows_is_refused_and_changes_nothing(release_lora, tiny_model_dir, tmp_path):
+    """Finite LoRA values whose product overflows fp16 when merged: refused, base weights untouched, not fused."""
+    huge = rewrite_lora(release_lora, tmp_path / "huge.safetensors", lambda t: {k: v * 3000 for k, v in t.items()})
+    model = fresh(tiny_model_dir).to(torch.float16)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    load_lora(model, huge)
+    with pytest.raises(LoraLoadError, match="fusing the LoRA gives NaN/inf weights"):
+        fuse_lora(model)
+    assert not is_fused(model)
+    state = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(state[k], original[k]) for k in original)

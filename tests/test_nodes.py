@@ -252,6 +252,21 @@ def test_reference_uses_the_first_image_and_load_image_masks(models):
         encode(model, image, 70, HEIGHT, "crop")
 
 
+def test_reference_node_refuses_nan_and_reads_odd_ranges(models):
+    model = load()
+    encode = SubjectReferenceEncode().encode
+    image = comfy_image(draw_subject())
+    reference, _ = encode(model, image, WIDTH, HEIGHT, "crop")
+    scaled, _ = encode(model, image * 255.0, WIDTH, HEIGHT, "crop")  # a node that outputs 0..255 values
+    torch.testing.assert_close(scaled.latents, reference.latents)
+    poisoned = image.clone()
+    poisoned[0, 5, 5, 1] = float("nan")
+    with pytest.raises(SDVGenError, match="reference image has NaN"):
+        encode(model, poisoned, WIDTH, HEIGHT, "crop")
+    with pytest.raises(SDVGenError, match="mask has NaN"):
+        encode(model, image, WIDTH, HEIGHT, "crop", torch.full((1, 64, 64), float("nan")))
+
+
 def test_decode_returns_comfy_frames(models):
     model = load()
     latent = run_graph(model)

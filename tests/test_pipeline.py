@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from sdvgen_core.errors import GenerationCancelled, ModelLoadError, SDVGenError
-from sdvgen_core.pipeline import MemoryMode, SDVGenPipeline
+from sdvgen_core.errors import GenerationCancelled, ModelLoadError, NonFiniteError, SDVGenError
+from sdvgen_core.pipeline import MemoryMode, SDVGenPipeline, non_finite_hint
 
 from conftest import draw_subject
 
@@ -146,15 +146,84 @@ def test_decode_plain_and_tiled(tiny_pipe):
     "kwargs, message",
     [
         ({"num_frames": 6}, "must be 4k\\+1"),
-        ({"num_frames": 53}, "at most the model's 49"),
-        ({"height": 50}, "multiples of 16"),
-        ({"num_inference_steps": 0}, "at least 1"),
+        ({"num_frames": 53}, "num_frames=53 is out of range; expected 1 to 49"),
+        ({"height": 50}, "height=50 must be a multiple of 16"),
+        ({"num_inference_steps": 0}, "num_inference_steps=0 is out of range"),
+        ({"num_inference_steps": 1001}, "num_inference_steps=1001 is out of range; expected 1 to 1000"),
+        ({"height": 0}, "height=0 is out of range"),
+        ({"width": -16}, "width=-16 is out of range"),
+        ({"width": 1456}, "width=1456 is out of range; expected 16 to 1440"),
+        ({"num_frames": 0}, "num_frames=0 is out of range"),
+        ({"num_frames": 5.5}, "num_frames must be a whole number"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
+        ({"guidance_scale": -1.0}, "guidance_scale=-1 is out of range"),
+        ({"reference_guidance_scale": float("inf")}, "reference_guidance_scale must be a finite number"),
+        ({"reference_guidance_scale": -0.5}, "reference_guidance_scale=-0.5 is out of range"),
+        ({"eta": float("nan")}, "eta must be a finite number"),
+        ({"output_type": "pil"}, "output_type 'pil'"),
+        ({"reference_image": None, "reference_latents": torch.zeros(1, 1, 16, 4, 4)}, "reference_latents have shape"),
+        ({"reference_image": None, "reference_latents": torch.full((1, 1, 16, 6, 8), float("nan"))},
+         "reference_latents \\(given by the caller\\) contain NaN"),
+        ({"reference_image": draw_subject(mode="RGBA"), "subject_mask": torch.full((1, 1, 150, 200), float("nan"))},
+         "subject mask has NaN"),
         ({"reference_image": None, "reference_guidance_scale": 1.0}, "needs a reference image"),
     ],
 )
 def test_bad_generation_arguments(tiny_pipe, kwargs, message):
+    calls, handle = count_transformer_calls(tiny_pipe)
+    try:
+        with pytest.raises(SDVGenError, match=message):
+            run(tiny_pipe, **kwargs)
+    finally:
+        handle.remove()
+    assert calls == []  # refused before any model pass
+
+
+def test_nan_prompt_embeds_are_refused(tiny_pipe):
+    embeds = torch.zeros(1, 226, 32)
+    embeds[0, 3, 4] = float("inf")
+    with pytest.raises(NonFiniteError, match="prompt_embeds \\(given by the caller\\)"):
+        tiny_pipe(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros(1, 226, 32), **SMALL)
+
+
+def test_non_finite_latents_stop_sampling_at_that_step(tiny_pipe, monkeypatch):
+    """A model pass that overflows at step 2 stops the run there, naming the step and the likely cause."""
+    forward = tiny_pipe.transformer.forward
+    calls = []
+
+    def overflow_on_second_step(*args, **kwargs):
+        calls.append(1)
+        output = forward(*args, **kwargs)
+        if len(calls) == 2:
+            output[0][0, 0, 0, 0, 0] = float("inf")
+        return output
+
+    monkeypatch.setattr(tiny_pipe.transformer, "forward", overflow_on_second_step)
+    with pytest.raises(NonFiniteError, match="latents after sampling step 2 of 3 contain NaN.*far outside its usual range"):
+        run(tiny_pipe, guidance_scale=1.0, output_type="latent")
+    assert len(calls) == 2  # stopped at once, not after the remaining step
+    assert "try precision bf16 or fp32" in non_finite_hint(torch.float16)
+
+
+def test_decode_refuses_non_finite_latents_and_frames(tiny_pipe, monkeypatch):
+    latents = torch.zeros(1, 2, 16, 6, 8)
+    latents[0, 1, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="latents to decode contain NaN"):
+        tiny_pipe.decode(latents)
+    monkeypatch.setattr(tiny_pipe, "decode_latents", lambda latents: torch.full((1, 3, 5, 48, 64), float("nan")))
+    with pytest.raises(NonFiniteError, match="decoded frames contain NaN"):
+        tiny_pipe.decode(torch.zeros(1, 2, 16, 6, 8))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tile_sample_min_height": 0}, "tile_sample_min_height=0 is out of range"),
+    ({"tile_sample_min_width": 63}, "tile_sample_min_width=63 is out of range"),
+    ({"tile_overlap_factor": float("nan")}, "tile_overlap_factor must be a finite number"),
+    ({"tile_overlap_factor": 1.0}, "tile_overlap_factor=1 is out of range"),
+])
+def test_bad_tile_settings(tiny_pipe, kwargs, message):
     with pytest.raises(SDVGenError, match=message):
-        run(tiny_pipe, **kwargs)
+        tiny_pipe.decode(torch.zeros(1, 2, 16, 6, 8), tiled=True, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -164,6 +233,8 @@ def test_offload_modes_use_diffusers_hooks_on_an_accelerator(tiny_model_dir, mon
     pipe = SDVGenPipeline.from_model_dir(tiny_model_dir, dtype="fp32")
     calls = []
     monkeypatch.setattr(pipe, method, lambda device: calls.append(device))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a two-GPU machine, as far as the check sees
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     pipe.set_memory_mode(mode, "cuda:1")
     assert calls == [torch.device("cuda:1")] and pipe.memory_mode is MemoryMode(mode)
 
@@ -248,3 +319,87 @@ def test_bf16_pipeline_runs(tiny_model_dir):
     out = run(pipe, num_inference_steps=2)
     assert pipe.transformer.dtype == torch.bfloat16
     assert out.frames.shape == (1, 5, 3, 48, 64) and torch.isfinite(out.frames).all()
+
+
+def transformer_output(pipe):
+    generator = torch.Generator().manual_seed(3)
+    video, text = torch.randn(1, 2, 16, 6, 8, generator=generator), torch.randn(1, 226, 32, generator=generator)
+    reference, t = torch.randn(1, 1, 16, 6, 8, generator=generator), torch.tensor([400])
+    with torch.no_grad():
+        return pipe.transformer(video, text, t, reference_latents=reference).sample
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_failed_set_lora_keeps_the_previous_lora_applied_and_reported(tiny_model_dir, tmp_path, fuse):
+    from safetensors.torch import load_file, save_file
+
+    from tiny_lora import write_tiny_lora
+
+    good = write_tiny_lora(tiny_model_dir, tmp_path / "good.safetensors")
+    tensors = load_file(good)
+    tensors[sorted(tensors)[0]][0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"))
+    pipe = SDVGenPipeline.from_model_dir(tiny_model_dir, dtype="fp32", lora_path=good, lora_strength=0.5, fuse_lora=fuse)
+    expected = transformer_output(pipe)
+    for bad_call in (lambda: pipe.set_lora(tmp_path / "nan.safetensors"), lambda: pipe.set_lora(tmp_path / "none.safetensors"),
+                     lambda: pipe.set_lora(good, strength=float("nan"))):
+        with pytest.raises(SDVGenError):
+            bad_call()
+        assert pipe.lora_info is not None and pipe.lora_info.path == str(good)
+        torch.testing.assert_close(transformer_output(pipe), expected, rtol=0, atol=0)
+
+
+def test_same_path_replaced_on_disk_is_reloaded(tiny_model_dir, tmp_path):
+    from tiny_lora import write_tiny_lora
+
+    path = write_tiny_lora(tiny_model_dir, tmp_path / "lora.safetensors", seed=1)
+    pipe = SDVGenPipeline.from_model_dir(tiny_model_dir, dtype="fp32", lora_path=path)
+    first = transformer_output(pipe)
+    pipe.set_lora(path, strength=1.0)  # unchanged file: no reload, same result
+    torch.testing.assert_close(transformer_output(pipe), first, rtol=0, atol=0)
+    write_tiny_lora(tiny_model_dir, tmp_path / "lora.safetensors", seed=2)  # replaced (atomic rename: new inode)
+    pipe.set_lora(path, strength=1.0)
+    expected = SDVGenPipeline.from_model_dir(tiny_model_dir, dtype="fp32", lora_path=write_tiny_lora(
+        tiny_model_dir, tmp_path / "copy.safetensors", seed=2))
+    torch.testing.assert_close(transformer_output(pipe), transformer_output(expected))
+    assert not torch.allclose(transformer_output(pipe), first)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("banana", "device 'banana' is not a torch device"),
+    ("cuda:7", "no cuda device is available|only \\d+ cuda device"),
+])
+def test_unknown_or_absent_device_is_refused(tiny_pipe, device, message):
+    with pytest.raises(SDVGenError, match=message):
+        tiny_pipe.set_memory_mode("on_device", device)
+    with pytest.raises(SDVGenError, match="memory mode 'fast'"):
+        tiny_pipe.set_memory_mode("fast", "cpu")
+
+
+def test_image_errors_come_before_the_text_encoder_runs(tiny_pipe):
+    calls = []
+    handle = tiny_pipe.text_encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        for kwargs, message in (({"fit": "zoom"}, "fit mode 'zoom'"),
+                                ({"reference_image": torch.full((3, 32, 32), float("nan"))}, "reference image has NaN")):
+            with pytest.raises(SDVGenError, match=message):
+                run(tiny_pipe, **kwargs)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_from_model_dir_checks_settings_before_loading_weights(tiny_model_dir, tmp_path, monkeypatch):
+    from sdvgen_core.transformer import SDVGenTransformer3DModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the settings were checked")
+
+    monkeypatch.setattr(SDVGenTransformer3DModel, "from_pretrained", refuse)
+    (tmp_path / "short.safetensors").write_bytes(b"\x00" * 4)
+    for kwargs, message in (({"scheduler": "ddpm"}, "scheduler 'ddpm'"),
+                            ({"lora_path": tmp_path / "none.safetensors"}, "does not exist"),
+                            ({"lora_path": tmp_path / "short.safetensors"}, "not a readable safetensors"),
+                            ({"lora_path": tmp_path / "short.safetensors", "lora_strength": float("nan")}, "lora_strength")):
+        with pytest.raises(SDVGenError, match=message):
+            SDVGenPipeline.from_model_dir(tiny_model_dir, dtype="fp32", **kwargs)

@@ -225,9 +225,9 @@ def test_euler_and_decode_frame_count(wan_pipe, subject_image):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"height": 48}, "multiples of 32"),
+        ({"height": 48}, "multiple of 32"),
         ({"num_frames": 6}, "4k\\+1"),
-        ({"num_inference_steps": 0}, "at least 1"),
+        ({"num_inference_steps": 0}, "num_inference_steps=0"),
         ({"reference_timestep": "noisy"}, "reference_timestep"),
         ({"reference_guidance_scale": 2.0, "reference_image": None}, "needs a reference"),
     ],

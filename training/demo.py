@@ -88,7 +88,7 @@ def write_videos(folder: Path, count: int, fps: int = 16, frames: int = 32, heig
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
         item, color = SUBJECTS[index % len(SUBJECTS)]
-        write_mp4(moving_clip(color, frames, height, width, phase=index), folder / f"clip{index:02d}.mp4", fps=fps)
+        write_mp4(moving_clip(color, frames, height, width, phase=index), folder / f"clip{index:02d}.mp4", fps=fps, overwrite=True)
         (folder / f"clip{index:02d}.txt").write_text(f"A {item} circles {PLACES[index % 4]}.")
     return folder
 
@@ -118,5 +118,5 @@ def make_demo_data(root: str | Path, subjects200k_rows: int = 8, pairs: int = 2,
     write_videos(root / "videos", videos)
     (root / "videos" / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
     (root / "videos" / "corrupt.txt").write_text("A broken clip.")
-    write_mp4(moving_clip((10, 10, 10), 8, 96, 128, 0.0), root / "videos" / "uncaptioned.mp4", fps=16)
+    write_mp4(moving_clip((10, 10, 10), 8, 96, 128, 0.0), root / "videos" / "uncaptioned.mp4", fps=16, overwrite=True)
     return root

@@ -60,7 +60,7 @@ class Validator:
                     guidance_scale=settings.guidance_scale, generator=generator,
                 ).frames[0]
                 path = output_dir / "validation" / f"step-{step:06d}-ref{index}.mp4"
-                written.append(write_mp4(frames, path, fps=int(data.video.fps)))
+                written.append(write_mp4(frames, path, fps=int(data.video.fps), overwrite=True))
         finally:
             text_encoder.to("cpu")
             vae.to("cpu")
