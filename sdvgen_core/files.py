@@ -28,3 +28,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[str]:
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a small text file (JSON, YAML, a report) atomically: a full disk leaves the old file or none."""
+    with atomic_output(path) as tmp_name:
+        Path(tmp_name).write_text(text)
+    return Path(path)

@@ -1,7 +1,8 @@
 """`prepare`: encode every training item once (VAE latent statistics, T5 embeddings) into a safetensors cache.
 
 Layout of `data.cache_dir`:
-    meta.json                   sizes, VAE scaling factor, `<cls>` wiring; `train` checks it against its config
+    meta.json                   sizes, VAE scaling factor, `<cls>` wiring, expected item shapes; `train` checks
+                                it against its config (written first with "complete": false, then true)
     identity/<key>.safetensors  view{0,1}.mean/.std `[C, h+2j, w+2j]` (j = jitter margin in latent pixels),
                                 text.{0,1} `[226, D]` (caption of view i as the target; absent if never a target)
     video/<key>.safetensors     video.mean/.std `[T, C, h, w]`; frames.mean/.std `[F, C, h, w]` (every frame
@@ -11,7 +12,8 @@ Layout of `data.cache_dir`:
 
 The latent *distribution* (mean, std) is stored, not a sample: `train` draws a fresh sample every step, as
 encoding on the fly would. Items are split round-robin across ranks; finished files are skipped, so an
-interrupted run resumes where it stopped. Files are written to a temporary name and renamed.
+interrupted run resumes where it stopped; existing files are verified against `meta.json`'s shapes (see
+`cachefiles.py`) and broken ones redone. Every file is written to a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from einops import rearrange
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from sdvgen_core.files import atomic_output
+from sdvgen_core.files import atomic_output, atomic_write_text
 from sdvgen_core.pipeline import resolve_dtype
 from sdvgen_core.prompts import encode_prompts
 from sdvgen_core.reference import FitMode, fit_to_size, image_to_tensor
 
+from .cachefiles import item_problem, item_shapes, read_meta, write_meta
 from .config import Config
 from .data import (
     ClipTooShort,
@@ -49,8 +52,8 @@ from .models import flush_subnormals_on_cpu, load_text_encoder, load_vae
 
 logger = logging.getLogger(__name__)
 
-META_FILE = "meta.json"
 FRAME_ENCODE_CHUNK = 8
+BROKEN_REDONE = "broken cache file redone"
 
 
 def cache_meta(config: Config) -> dict:
@@ -68,10 +71,9 @@ def cache_meta(config: Config) -> dict:
 
 def check_cache_meta(root: Path, config: Config) -> dict | None:
     """The cache's recorded settings (None for a new cache); `DataError` when they differ from `config`'s."""
-    meta_path = root / META_FILE
-    if not meta_path.is_file():
+    meta = read_meta(root)
+    if meta is None:
         return None
-    meta = json.loads(meta_path.read_text())
     expected = cache_meta(config)
     changed = sorted(k for k in expected if meta.get(k) != expected[k])
     if changed:
@@ -164,6 +166,14 @@ def run_prepare(config: Config) -> dict[str, int]:
     check_video_set_nonempty(config, len(video_files(config.data.video)), f"in {config.data.video.folders}")
     flush_subnormals_on_cpu(accelerator.device)
     encoder = Encoder(config, accelerator.device)
+    meta = cache_meta(config) | {
+        "scaling_factor": encoder.vae.config.scaling_factor,
+        "cls": encoder.cls_info.as_metadata(),
+        "cache_dtype": config.data.cache_dtype,
+        "item_shapes": item_shapes(config, encoder.vae.config, encoder.text_encoder.config.d_model),
+    }
+    if accelerator.is_main_process:  # written first, so an interrupted run's items are checked against it
+        write_meta(cache, meta | {"complete": False})
 
     skips = SkipCounter()
     shard = Shard(accelerator.process_index, accelerator.num_processes)
@@ -176,8 +186,12 @@ def run_prepare(config: Config) -> dict[str, int]:
     for kind, record, encode in tqdm(jobs, desc="prepare", unit="item", disable=not accelerator.is_local_main_process):
         path = cache / kind / f"{record.key}.safetensors"
         if path.exists():
-            done += 1
-            continue
+            problem = item_problem(path, kind, meta)
+            if problem is None:
+                done += 1
+                continue
+            skips.skip(BROKEN_REDONE, str(path), problem)
+            path.unlink()  # never left behind for `train`, even if the item cannot be encoded again
         try:
             tensors = encode(encoder, record, config)
         except ClipTooShort as error:
@@ -188,21 +202,18 @@ def run_prepare(config: Config) -> dict[str, int]:
             continue
         captions = getattr(record, "captions", None) or [record.caption]
         write_safetensors(tensors, path, {"key": record.key, "captions": json.dumps(list(captions))})
-    (cache / f"report-rank{accelerator.process_index}.json").write_text(json.dumps(dict(skips), indent=2))
+    atomic_write_text(cache / f"report-rank{accelerator.process_index}.json", json.dumps(dict(skips), indent=2))
     accelerator.wait_for_everyone()
 
     total = SkipCounter()
     if accelerator.is_main_process:
         for rank in range(accelerator.num_processes):  # not a glob: an earlier run may have had more ranks
             total.update(json.loads((cache / f"report-rank{rank}.json").read_text()))
-        meta = cache_meta(config) | {
-            "scaling_factor": encoder.vae.config.scaling_factor,
-            "cls": encoder.cls_info.as_metadata(),
-        }
-        (cache / META_FILE).write_text(json.dumps(meta, indent=2))
+        write_meta(cache, meta | {"complete": True})
         counts = {kind: len(list((cache / kind).glob("*.safetensors"))) for kind in ("identity", "video")}
-        logger.info("cache %s: %d identity items, %d videos (%d already done); skipped %s",
-                    cache, counts["identity"], counts["video"], done, dict(total) or "nothing")
+        logger.info("cache %s: %d identity items, %d videos (%d verified and reused, %d broken ones redone); "
+                    "skipped %s", cache, counts["identity"], counts["video"], done, total[BROKEN_REDONE],
+                    dict(total) or "nothing")
         check_video_set_nonempty(config, counts["video"], f"in the cache {str(cache)!r} after decoding")
     accelerator.wait_for_everyone()
     return dict(total)
