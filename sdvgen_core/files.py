@@ -25,6 +25,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[str]:
         os.umask(umask)
         os.chmod(tmp_name, 0o666 & ~umask)
         os.replace(tmp_name, path)
+    except OSError as error:
+        if error.filename is None:  # e.g. a full disk during write(): name the file the user asked for
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
