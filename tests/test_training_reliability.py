@@ -45,7 +45,8 @@ def cli_args(demo, tiny_model_dir, run: str, *overrides: str) -> list[str]:
 
 
 def tensors_of(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(path)
+    """Copies: safetensors may map the file, which the tests then damage or replace."""
+    return {key: value.clone() for key, value in load_file(path).items()}
 
 
 def train_step(path: Path) -> int:
@@ -229,7 +230,7 @@ def test_train_names_broken_cache_files_and_prepare_redoes_them(cache_copy, demo
     assert meta["complete"] is True and meta["item_shapes"]["video"]["frames"] == [9, 16, 8, 12]
     identity = sorted((cache_copy / "identity").glob("*.safetensors"))
     videos = sorted((cache_copy / "video").glob("*.safetensors"))
-    good = {p: load_file(p) for p in (identity[0], videos[0], videos[1])}
+    good = {p: tensors_of(p) for p in (identity[0], videos[0], videos[1])}
     # the shapes recorded in meta.json are the shapes `prepare` really wrote
     assert list(good[videos[0]]["frames.mean"].shape) == meta["item_shapes"]["video"]["frames"]
     assert list(good[identity[0]]["view0.mean"].shape) == meta["item_shapes"]["identity"]["view0"]
@@ -250,14 +251,12 @@ def test_train_names_broken_cache_files_and_prepare_redoes_them(cache_copy, demo
         redone = load_file(path)
         assert redone.keys() == tensors.keys()
         for key, value in tensors.items():
-            assert redone[key].shape == value.shape and redone[key].dtype == value.dtype
-            if key.startswith("text"):  # the tiny random VAE is not bit-stable across runs; T5 is
-                torch.testing.assert_close(redone[key], value)
+            torch.testing.assert_close(redone[key], value, atol=1e-5, rtol=1e-5)  # encoding is deterministic
     assert len(TrainingCache(config).identity) > 0
     assert json.loads((cache_copy / "report-rank0.json").read_text())[BROKEN_REDONE] == 3
 
     # values garbled on disk (same size, header intact) are caught when the item is read
-    tensors = load_file(videos[0])
+    tensors = tensors_of(videos[0])
     tensors["text"][0, 0] = float("nan")
     save_file(tensors, videos[0])
     with pytest.raises(CacheFileError, match=rf"{videos[0].name}.*non-finite values in text"):
