@@ -21,7 +21,7 @@ from training.batches import TrainingCache
 from training.cachefiles import META_FILE, CacheFileError, read_item, read_meta, write_meta
 from training.config import ConfigError, load_config
 from training.export import run_export
-from training.prepare import BROKEN_REDONE, run_prepare
+from training.prepare import BROKEN_REDONE, STALE_SET_ASIDE, run_prepare
 from training.rundir import OutputDirError
 from training.trainer import Trainer
 
@@ -241,18 +241,22 @@ def test_train_names_broken_cache_files_and_prepare_redoes_them(cache_copy, demo
                                              rf"training prepare`"):
         TrainingCache(config)
     videos[0].write_bytes(b"")  # a 0-byte file from a full disk
+    left_over = cache_copy / "identity" / "pair-removed-source-00000000-0000001.safetensors"
+    shutil.copy(identity[1], left_over)  # cached from a source the config no longer names
     wrong = dict(good[videos[1]])
     wrong["frames.mean"] = wrong["frames.mean"][:5]
     save_file(wrong, videos[1])
 
     skips = run_prepare(config)
-    assert skips[BROKEN_REDONE] == 3
+    assert skips[BROKEN_REDONE] == 3 and skips[STALE_SET_ASIDE] == 1
+    assert not left_over.exists() and (cache_copy / "stale" / "identity" / left_over.name).is_file()
     for path, tensors in good.items():
         redone = load_file(path)
         assert redone.keys() == tensors.keys()
         for key, value in tensors.items():
             torch.testing.assert_close(redone[key], value, atol=1e-5, rtol=1e-5)  # encoding is deterministic
-    assert len(TrainingCache(config).identity) > 0
+    cache = TrainingCache(config)
+    assert {path.name for path, _ in cache.identity + cache.held_identity} == {p.name for p in identity}
     assert json.loads((cache_copy / "report-rank0.json").read_text())[BROKEN_REDONE] == 3
 
     # values garbled on disk (same size, header intact) are caught when the item is read
@@ -319,3 +323,16 @@ def test_unwritable_output_folder_is_one_line(demo, tiny_model_dir, tmp_path, mo
     monkeypatch.setattr("training.rundir.tempfile.TemporaryFile", read_only)
     with pytest.raises(ConfigError, match=r"train.output_dir .* is not writable \(Read-only file system\)"):
         Trainer(config_for(demo, tiny_model_dir, "read-only", *QUICK))
+
+
+def test_damaged_or_finished_checkpoints_are_refused_before_loading(demo, tiny_model_dir, tmp_path, no_model_loads):
+    root, _ = demo
+    run = root / "finished"
+    checkpoint = run / "checkpoints" / "step-000003"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text('{"step": 3, "batches": {"identity": 2, "video": 1}}')
+    with pytest.raises(OutputDirError, match=r"at step 3, train.max_steps is 3: nothing to train"):
+        Trainer(config_for(demo, tiny_model_dir, "finished", *QUICK, "train.max_steps=3", "train.resume=latest"))
+    (checkpoint / "trainer_state.json").write_text("")
+    with pytest.raises(OutputDirError, match=r"trainer_state.json'? is damaged .*train.resume=<its folder>"):
+        Trainer(config_for(demo, tiny_model_dir, "finished", *QUICK, "train.resume=latest"))

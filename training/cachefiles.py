@@ -69,11 +69,16 @@ def item_shapes(config: Config, vae_config, text_dim: int) -> dict[str, dict[str
     }
 
 
+def _read_header(path: Path) -> dict[str, tuple[list[int], str]]:
+    # safe_open also checks that the header's offsets cover the file exactly (a truncated file fails here)
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        return {key: (handle.get_slice(key).get_shape(), handle.get_slice(key).get_dtype()) for key in handle.keys()}
+
+
 def header(path: Path) -> dict[str, tuple[list[int], str]]:
     """`name -> (shape, dtype)` from the header; `CacheFileError` when the file is unreadable or truncated."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return {key: (handle.get_slice(key).get_shape(), handle.get_slice(key).get_dtype()) for key in handle.keys()}
+        return _read_header(path)
     except (SafetensorError, OSError) as error:
         raise CacheFileError(f"cache file {str(path)!r} is not a readable safetensors file ({error}): {RERUN}") from None
 
@@ -81,9 +86,9 @@ def header(path: Path) -> dict[str, tuple[list[int], str]]:
 def item_problem(path: Path, kind: str, meta: dict) -> str | None:
     """What is wrong with a cached item (None if it is sound), judged by its header against `meta`."""
     try:
-        tensors = header(path)
-    except CacheFileError as error:
-        return str(error).split(": re-run")[0]
+        tensors = _read_header(path)
+    except (SafetensorError, OSError) as error:
+        return f"not a readable safetensors file ({error})"
     shapes = meta.get("item_shapes", {}).get(kind)
     if shapes is None:  # a cache from before shapes were recorded: readability is all that can be checked
         return None

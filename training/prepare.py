@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 FRAME_ENCODE_CHUNK = 8
 BROKEN_REDONE = "broken cache file redone"
+STALE_SET_ASIDE = "stale cache item set aside"
 
 
 def cache_meta(config: Config) -> dict:
@@ -147,6 +148,21 @@ def encode_video(encoder: Encoder, record, config: Config) -> dict[str, torch.Te
     }
 
 
+def set_aside_stale_items(cache: Path, wanted: set[str]) -> int:
+    """Move cached items that the configured sources no longer produce (sources changed, stricter filters) into
+    `stale/`, so `train` uses exactly this config's data; returns how many."""
+    stale = [path for kind in ("identity", "video") for path in sorted((cache / kind).glob("*.safetensors"))
+             if f"{kind}/{path.name}" not in wanted]
+    for path in stale:
+        target = cache / "stale" / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.replace(target)
+    if stale:
+        logger.warning("moved %d cached items that the configured sources do not produce to %s (delete it when no "
+                       "longer needed)", len(stale), cache / "stale")
+    return len(stale)
+
+
 def check_video_set_nonempty(config: Config, count: int, where: str) -> None:
     if config.video_steps_possible and count == 0:
         raise DataError(
@@ -183,8 +199,10 @@ def run_prepare(config: Config) -> dict[str, int]:
         (("video", r, encode_video) for r in video_records(config.data.video, skips, shard)),
     )
     done = 0
+    sources = []  # every item of the configured sources on this rank, cached or not
     for kind, record, encode in tqdm(jobs, desc="prepare", unit="item", disable=not accelerator.is_local_main_process):
         path = cache / kind / f"{record.key}.safetensors"
+        sources.append(f"{kind}/{path.name}")
         if path.exists():
             problem = item_problem(path, kind, meta)
             if problem is None:
@@ -203,16 +221,23 @@ def run_prepare(config: Config) -> dict[str, int]:
         captions = getattr(record, "captions", None) or [record.caption]
         write_safetensors(tensors, path, {"key": record.key, "captions": json.dumps(list(captions))})
     atomic_write_text(cache / f"report-rank{accelerator.process_index}.json", json.dumps(dict(skips), indent=2))
+    atomic_write_text(cache / f"items-rank{accelerator.process_index}.json", json.dumps(sources))
     accelerator.wait_for_everyone()
 
     total = SkipCounter()
     if accelerator.is_main_process:
         for rank in range(accelerator.num_processes):  # not a glob: an earlier run may have had more ranks
             total.update(json.loads((cache / f"report-rank{rank}.json").read_text()))
+        wanted = {item for rank in range(accelerator.num_processes)
+                  for item in json.loads((cache / f"items-rank{rank}.json").read_text())}
+        stale = set_aside_stale_items(cache, wanted)
+        if stale:
+            total[STALE_SET_ASIDE] = stale
         write_meta(cache, meta | {"complete": True})
         counts = {kind: len(list((cache / kind).glob("*.safetensors"))) for kind in ("identity", "video")}
-        logger.info("cache %s: %d identity items, %d videos (%d verified and reused, %d broken ones redone); "
-                    "skipped %s", cache, counts["identity"], counts["video"], done, total[BROKEN_REDONE],
+        logger.info("cache %s: %d identity items, %d videos (%d verified and reused, %d broken ones redone, %d not "
+                    "from these sources moved to stale/); skipped %s", cache, counts["identity"], counts["video"],
+                    done, total[BROKEN_REDONE], total[STALE_SET_ASIDE],
                     dict(total) or "nothing")
         check_video_set_nonempty(config, counts["video"], f"in the cache {str(cache)!r} after decoding")
     accelerator.wait_for_everyone()

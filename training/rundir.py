@@ -125,8 +125,24 @@ def plan_run(config: Config, overwrite: bool = False) -> RunPlan:
     if not own and earlier:
         raise OutputDirError(f"train.resume={resume!r} is a checkpoint of another run, but train.output_dir "
                              f"{str(output_dir)!r} holds its own run ({', '.join(earlier)}): use a new train.output_dir")
+    step = checkpoint_state(checkpoint)["step"]
+    if step >= config.train.max_steps:
+        raise OutputDirError(f"checkpoint {str(checkpoint)!r} is at step {step}, train.max_steps is "
+                             f"{config.train.max_steps}: nothing to train; raise train.max_steps to continue, or "
+                             f"write its LoRA with `python -m training export`")
     check_lora_unchanged(config, checkpoint)
     return RunPlan(checkpoint=checkpoint)
+
+
+def checkpoint_state(checkpoint: Path) -> dict:
+    """The checkpoint's trainer state; a damaged one names the file and the way out."""
+    path = checkpoint / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+        return {"step": int(state["step"]), "batches": {k: int(v) for k, v in state["batches"].items()}}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+        raise OutputDirError(f"{str(path)!r} is damaged ({type(error).__name__}: {error}): resume an earlier "
+                             f"checkpoint with --set train.resume=<its folder>") from None
 
 
 def check_lora_unchanged(config: Config, checkpoint: Path) -> None:
