@@ -336,3 +336,17 @@ def test_damaged_or_finished_checkpoints_are_refused_before_loading(demo, tiny_m
     (checkpoint / "trainer_state.json").write_text("")
     with pytest.raises(OutputDirError, match=r"trainer_state.json'? is damaged .*train.resume=<its folder>"):
         Trainer(config_for(demo, tiny_model_dir, "finished", *QUICK, "train.resume=latest"))
+
+
+def test_inputs_read_late_are_checked_before_models_load(demo, tiny_model_dir, tmp_path, no_model_loads, capsys):
+    from training.data import DataError
+
+    missing = tmp_path / "missing.png"
+    with pytest.raises(DataError, match=r"validation reference .*missing.png"):
+        Trainer(config_for(demo, tiny_model_dir, "validate", *QUICK, "validation.every=1",
+                           f"validation.references=[{missing}]", "validation.prompts=[a <cls>]"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert training_cli(["prepare", *cli_args(demo, tiny_model_dir, "x", f"data.cache_dir={blocker / 'cache'}")]) == 2
+    err = capsys.readouterr().err
+    assert "data.cache_dir" in err and "not writable" in err and err.count("\n") == 1

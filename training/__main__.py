@@ -76,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # full disk, read-only or vanished folders: the environment, not a bug
         print(f"error: {describe_os_error(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # `train` saves a checkpoint on the first Ctrl-C; this is `prepare` or a second one
+        if args.command not in ("prepare", "train"):
+            raise
+        print(f"interrupted: run the same `{args.command}` command again to continue (finished work is kept)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

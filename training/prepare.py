@@ -49,6 +49,7 @@ from .data import (
     video_records,
 )
 from .models import flush_subnormals_on_cpu, load_text_encoder, load_vae
+from .rundir import check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ def run_prepare(config: Config) -> dict[str, int]:
     """Fill the cache; returns the summed skip counts (main process)."""
     accelerator = Accelerator()  # only for ranks and barriers: the encoders run in model.dtype
     cache = Path(config.data.cache_dir)
+    check_writable(cache, "data.cache_dir")
     for sub in ("identity", "video"):
         (cache / sub).mkdir(parents=True, exist_ok=True)
     check_cache_meta(cache, config)  # cached items are reused by name: they must have been made the same way

@@ -164,6 +164,7 @@ class Trainer:
         self.streams = {IDENTITY: BatchStream(self.cache.identity, train.seed, 0),
                         VIDEO: BatchStream(self.cache.video, train.seed, 1)}
         self.state = TrainerState()
+        self.validator = Validator(config) if config.validation.every else None  # reads its images: before models
 
         set_seed(train.seed)  # the LoRA's initial weights depend only on the seed
         self.weight_dtype = resolve_dtype(config.model.dtype)
@@ -197,7 +198,6 @@ class Trainer:
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(transformer, optimizer, lr_scheduler)
         self.flat = FlatGradients(self.unwrapped)
         self.pcgrad = PCGradBuffer(config.monitor.pcgrad_buffer) if config.monitor.pcgrad else None
-        self.validator = Validator(config) if config.validation.every else None
         self.monitor_log = MonitorLog(self.output_dir)
 
     def _check_launch(self) -> None:
