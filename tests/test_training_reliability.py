@@ -350,3 +350,28 @@ def test_inputs_read_late_are_checked_before_models_load(demo, tiny_model_dir, t
     assert training_cli(["prepare", *cli_args(demo, tiny_model_dir, "x", f"data.cache_dir={blocker / 'cache'}")]) == 2
     err = capsys.readouterr().err
     assert "data.cache_dir" in err and "not writable" in err and err.count("\n") == 1
+
+
+def test_full_disk_while_checkpointing_keeps_the_last_good_one(demo, tiny_model_dir, monkeypatch, capsys):
+    from training.rundir import find_checkpoint
+
+    root, _ = demo
+    trainer = Trainer(config_for(demo, tiny_model_dir, "disk-full", *QUICK, "train.max_steps=2"))
+    save_state = trainer.accelerator.save_state
+
+    def fills_the_disk(folder, **kwargs):
+        if trainer.state.step == 2:
+            monkeypatch.setattr("training.rundir.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(1, 1, 0))
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
+                               "data/0: file write failed")
+        return save_state(folder, **kwargs)
+
+    monkeypatch.setattr(trainer.accelerator, "save_state", fills_the_disk)
+    with pytest.raises(OSError, match=r"could not write the checkpoint \(the disk is full\); the last complete "
+                                      r"checkpoint is .*step-000001") as caught:
+        trainer.train()
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename.endswith("step-000002.partial")
+    assert find_checkpoint(root / "disk-full", "latest").name == "step-000001"
+    from training.__main__ import describe_os_error
+
+    assert "free disk space" in describe_os_error(caught.value)

@@ -14,6 +14,7 @@ Rules (checked before any model loads):
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import logging
@@ -166,6 +167,21 @@ def read_header(path: Path) -> dict[str, str]:
     except (SafetensorError, OSError) as error:
         raise OutputDirError(f"{str(path)!r} is not a readable safetensors file ({error}); the checkpoint is "
                              f"damaged: resume an earlier one") from None
+
+
+LOW_DISK_BYTES = 256 << 20
+
+
+def checkpoint_write_error(error: Exception, staging: Path) -> Exception:
+    """An `OSError` naming the checkpoint, the likely cause and the last good checkpoint; other errors unchanged."""
+    if isinstance(error, RuntimeError) and "writ" not in str(error).lower():
+        return error  # not an I/O failure: a bug, keep its traceback
+    full = shutil.disk_usage(staging.parent).free < LOW_DISK_BYTES
+    good = find_checkpoint(staging.parent.parent, "latest")
+    code = errno.ENOSPC if full else getattr(error, "errno", None) or errno.EIO
+    cause = "the disk is full" if full else str(error)
+    last = f"the last complete checkpoint is {str(good)!r}" if good else "no complete checkpoint was written yet"
+    return OSError(code, f"could not write the checkpoint ({cause}); {last}", str(staging))
 
 
 def utc_stamp() -> str:

@@ -50,6 +50,7 @@ from .rundir import (
     LORA_FILE,
     STATE_FILE,
     abandon_newer,
+    checkpoint_write_error,
     check_writable,
     complete_checkpoints,
     find_checkpoint,
@@ -253,8 +254,11 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         # DeepSpeed would otherwise write the frozen 5B weights into every checkpoint
         frozen = {"exclude_frozen_parameters": True} if self.distributed == DistributedType.DEEPSPEED else {}
-        self.accelerator.save_state(str(staging), **frozen)
-        self.export_lora(staging / LORA_FILE)
+        try:
+            self.accelerator.save_state(str(staging), **frozen)
+            self.export_lora(staging / LORA_FILE)
+        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+            raise checkpoint_write_error(error, staging) from error
         if self.accelerator.is_main_process:
             if self.pcgrad is not None:
                 write_safetensors(self.pcgrad.state_tensors(), staging / PCGRAD_FILE, {})
