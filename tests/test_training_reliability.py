@@ -375,3 +375,23 @@ def test_full_disk_while_checkpointing_keeps_the_last_good_one(demo, tiny_model_
     from training.__main__ import describe_os_error
 
     assert "free disk space" in describe_os_error(caught.value)
+
+
+def test_logs_and_videos_after_the_resumed_step_are_set_aside(tmp_path):
+    """A killed run logs steps after its last checkpoint; resuming must not log them twice. The gradient
+    monitor logs step N before its update, train_log after it."""
+    from training.rundir import abandon_newer
+
+    (tmp_path / "train_log.csv").write_text("step,task,loss\n1,identity,0.5\n2,video,0.4\n3,identity,0.3\n")
+    (tmp_path / "grad_monitor.csv").write_text("step,cosine\n0,0.1\n2,0.2\n")
+    for step in (2, 3):
+        video = tmp_path / "validation" / f"step-{step:06d}-ref0.mp4"
+        video.parent.mkdir(exist_ok=True)
+        video.write_bytes(b"mp4 %d" % step)
+    assert abandon_newer(tmp_path, 3) is None  # everything logged belongs to the run up to step 3
+    folder = abandon_newer(tmp_path, 2)
+    assert logged_steps(tmp_path) == [1, 2] and logged_steps(folder) == [1, 2, 3]
+    assert (tmp_path / "grad_monitor.csv").read_text().split() == ["step,cosine", "0,0.1"]
+    assert (folder / "grad_monitor.csv").read_text().split() == ["step,cosine", "0,0.1", "2,0.2"]
+    assert [p.name for p in (tmp_path / "validation").iterdir()] == ["step-000002-ref0.mp4"]
+    assert (folder / "validation" / "step-000003-ref0.mp4").read_bytes() == b"mp4 3"

@@ -177,11 +177,11 @@ def run_prepare(config: Config) -> dict[str, int]:
     """Fill the cache; returns the summed skip counts (main process)."""
     accelerator = Accelerator()  # only for ranks and barriers: the encoders run in model.dtype
     cache = Path(config.data.cache_dir)
+    check_cache_meta(cache, config)  # cached items are reused by name: they must have been made the same way
+    check_video_set_nonempty(config, len(video_files(config.data.video)), f"in {config.data.video.folders}")
     check_writable(cache, "data.cache_dir")
     for sub in ("identity", "video"):
         (cache / sub).mkdir(parents=True, exist_ok=True)
-    check_cache_meta(cache, config)  # cached items are reused by name: they must have been made the same way
-    check_video_set_nonempty(config, len(video_files(config.data.video)), f"in {config.data.video.folders}")
     flush_subnormals_on_cpu(accelerator.device)
     encoder = Encoder(config, accelerator.device)
     meta = cache_meta(config) | {

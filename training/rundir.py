@@ -4,10 +4,10 @@ lineage that was resumed.
 Rules (checked before any model loads):
 - a folder holding an earlier run is refused unless the run resumes it (`train.resume=latest` or one of its
   checkpoints) or `--overwrite` is given, which moves the earlier run into `replaced-<UTC time>/` inside it;
-- resuming an older checkpoint moves the newer ones (and a newer final LoRA) into
+- resuming an older checkpoint moves the newer ones (and a newer final LoRA and validation videos) into
   `checkpoints/abandoned-after-step-N-<UTC time>/`, so `latest` and `export` follow the resumed run;
-- `train_log.csv` rows after the resumed step (written after the last checkpoint of a killed run) are cut,
-  the full log is kept in the abandoned folder;
+- `train_log.csv` and `grad_monitor.csv` rows after the resumed step (also those a killed run wrote after
+  its last checkpoint) are cut, so no step is logged twice; the full logs are copied to the abandoned folder;
 - a changed LoRA rank, alpha or target modules on resume is refused, naming both values.
 """
 
@@ -36,8 +36,9 @@ LORA_FILE = "sdvgen_lora.safetensors"  # the exported LoRA (core writer: folded 
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_PREFIX = "step-"
 TRAIN_LOG = "train_log.csv"
+MONITOR_LOG = "grad_monitor.csv"
 # What a run writes into its folder; any of them present means the folder holds a run.
-RUN_OUTPUTS = ("checkpoints", LORA_FILE, TRAIN_LOG, "config.yaml", "logs", "grad_monitor.csv", "grad_monitor.png",
+RUN_OUTPUTS = ("checkpoints", LORA_FILE, TRAIN_LOG, "config.yaml", "logs", MONITOR_LOG, "grad_monitor.png",
                "validation")
 
 
@@ -199,29 +200,39 @@ def replace_earlier_run(output_dir: Path) -> Path:
     return archive
 
 
+# CSV logs whose first column is a step, and the offset that makes a row belong to the run resumed at step N
+# when `row step + offset <= N`: train_log rows come after step N's update, gradient-monitor rows before it.
+CSV_LOGS = {TRAIN_LOG: 0, MONITOR_LOG: 1}
+
+
 def abandon_newer(output_dir: Path, step: int) -> Path | None:
-    """After resuming step `step`: set aside newer checkpoints, a newer final LoRA and later log rows."""
+    """After resuming step `step`: set aside newer checkpoints, a newer final LoRA, newer validation videos and
+    later log rows (the full logs are copied), so the folder holds one lineage; returns the folder used."""
     newer = [c for c in complete_checkpoints(output_dir) if checkpoint_step(c) > step]
     final = output_dir / LORA_FILE
-    final_newer = final.is_file() and _lora_step(final) > step
-    log = output_dir / TRAIN_LOG
-    later_rows = _log_rows_after(log, step)
-    if not (newer or final_newer or later_rows):
+    if final.is_file() and _lora_step(final) > step:
+        newer.append(final)
+    newer += [video for video in sorted((output_dir / "validation").glob(f"{CHECKPOINT_PREFIX}*.mp4"))
+              if int(video.name.split("-")[1]) > step]
+    cut = {name: _rows_after(output_dir / name, step - offset) for name, offset in CSV_LOGS.items()}
+    if not newer and not any(cut.values()):
         return None
     folder = output_dir / "checkpoints" / f"abandoned-after-step-{step:06d}-{utc_stamp()}"
     folder.mkdir(parents=True)
-    for checkpoint in newer:
-        checkpoint.rename(folder / checkpoint.name)
-    if final_newer:
-        final.rename(folder / LORA_FILE)
-    if later_rows:
-        shutil.copy2(log, folder / TRAIN_LOG)
-        header, *rows = list(csv.reader(io.StringIO(log.read_text())))
-        out = io.StringIO()
-        csv.writer(out).writerows([header, *(row for row in rows if not _after(row, step))])
-        atomic_write_text(log, out.getvalue())
-    logger.warning("resumed step %d: the newer run (%s) was moved to %s", step,
-                   ", ".join([c.name for c in newer] + [LORA_FILE] * final_newer + [f"{later_rows} log rows"]), folder)
+    for path in newer:
+        target = folder / "validation" / path.name if path.parent.name == "validation" else folder / path.name
+        target.parent.mkdir(exist_ok=True)
+        path.rename(target)
+    for name, rows in cut.items():
+        if rows:
+            log = output_dir / name
+            shutil.copy2(log, folder / name)
+            header, *kept = list(csv.reader(io.StringIO(log.read_text())))
+            out = io.StringIO()
+            csv.writer(out).writerows([header, *(row for row in kept if not _after(row, step - CSV_LOGS[name]))])
+            atomic_write_text(log, out.getvalue())
+    moved = [p.name for p in newer] + [f"{rows} rows of {name}" for name, rows in cut.items() if rows]
+    logger.warning("resumed step %d: the newer run (%s) was moved to %s", step, ", ".join(moved), folder)
     return folder
 
 
@@ -232,7 +243,7 @@ def _lora_step(path: Path) -> int:
         return 1 << 62  # unreadable: treat as newer, so it is set aside rather than trusted
 
 
-def _log_rows_after(log: Path, step: int) -> int:
+def _rows_after(log: Path, step: int) -> int:
     if not log.is_file():
         return 0
     rows = list(csv.reader(io.StringIO(log.read_text())))[1:]
@@ -241,4 +252,3 @@ def _log_rows_after(log: Path, step: int) -> int:
 
 def _after(row: list[str], step: int) -> bool:
     return bool(row) and row[0].isdigit() and int(row[0]) > step
-
