@@ -20,6 +20,7 @@ from training.__main__ import main as training_cli
 from training.batches import TrainingCache
 from training.cachefiles import META_FILE, CacheFileError, read_item, read_meta, write_meta
 from training.config import ConfigError, load_config
+from training.data import DataError
 from training.export import run_export
 from training.prepare import BROKEN_REDONE, STALE_SET_ASIDE, run_prepare
 from training.rundir import OutputDirError
@@ -270,7 +271,7 @@ def test_train_names_broken_cache_files_and_prepare_redoes_them(cache_copy, demo
 def test_interrupted_prepare_is_not_trained_on(cache_copy, demo, tiny_model_dir, no_model_loads):
     meta = read_meta(cache_copy)
     write_meta(cache_copy, meta | {"complete": False})
-    with pytest.raises(Exception, match=r"`prepare` did not finish the cache"):
+    with pytest.raises(DataError, match=r"`prepare` did not finish the cache"):
         Trainer(config_for(demo, tiny_model_dir, "x", f"data.cache_dir={cache_copy}"))
 
 
@@ -339,8 +340,6 @@ def test_damaged_or_finished_checkpoints_are_refused_before_loading(demo, tiny_m
 
 
 def test_inputs_read_late_are_checked_before_models_load(demo, tiny_model_dir, tmp_path, no_model_loads, capsys):
-    from training.data import DataError
-
     missing = tmp_path / "missing.png"
     with pytest.raises(DataError, match=r"validation reference .*missing.png"):
         Trainer(config_for(demo, tiny_model_dir, "validate", *QUICK, "validation.every=1",
