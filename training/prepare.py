@@ -8,7 +8,9 @@ Layout of `data.cache_dir`:
     video/<key>.safetensors     video.mean/.std `[T, C, h, w]`; frames.mean/.std `[F, C, h, w]` (every frame
                                 encoded alone as a 1-frame video, so `train` can pick a random reference frame);
                                 text `[226, D]`
-    report-rank<r>.json         skipped inputs by reason
+    report-rank<r>.json         skipped inputs by reason (and broken cache files redone)
+    items-rank<r>.json          the items each rank's share of the sources produces
+    stale/<kind>/               items the configured sources no longer produce, set aside (not used by `train`)
 
 The latent *distribution* (mean, std) is stored, not a sample: `train` draws a fresh sample every step, as
 encoding on the fly would. Items are split round-robin across ranks; finished files are skipped, so an
