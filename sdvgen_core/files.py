@@ -41,6 +41,10 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[s
             os.replace(tmp_name, path)
         else:
             _place_new(tmp_name, path)
+    except OSError as error:
+        if error.filename is None:  # e.g. a full disk during write(): name the file the user asked for
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
@@ -74,3 +78,10 @@ def next_free_path(path: str | os.PathLike) -> Path:
         if not candidate.exists():
             return candidate
         counter += 1
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a small text file (JSON, YAML, a report) atomically: a full disk leaves the old file or none."""
+    with atomic_output(path) as tmp_name:
+        Path(tmp_name).write_text(text)
+    return Path(path)

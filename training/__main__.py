@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 
@@ -26,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("make-demo-data", help="write a tiny random model and synthetic training media")
     demo.add_argument("--root", default="demo", help="folder to fill (default: demo, as tiny_cpu.yaml expects)")
+    demo.add_argument("--overwrite", action="store_true", help="rewrite the demo media in a folder that holds files")
     for name, help_text in (("prepare", "cache VAE latents and T5 embeddings (resumable, split across ranks)"),
                             ("train", "train the LoRA on the prepared cache"),
                             ("export", "write a checkpoint's LoRA to a standalone file")):
@@ -33,22 +35,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         command.add_argument("--config", "-c", help="YAML config (see training/configs/); defaults if omitted")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.OPTION=VALUE",
                              help="override one option, e.g. --set optim.lr=1e-4 (repeatable)")
+        if name == "train":
+            command.add_argument("--overwrite", action="store_true",
+                                 help="start afresh in an output folder holding an earlier run (it is moved into "
+                                      "replaced-<time>/ there, not deleted)")
         if name == "export":
             command.add_argument("--checkpoint", default="latest", help="checkpoint folder or `latest` (default)")
             command.add_argument("--output", "-o", required=True, help="LoRA file to write (.safetensors)")
             command.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+            command.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "make-demo-data":
-        from .demo import make_demo_data
-
-        print(make_demo_data(args.root))
-        return 0
     try:
+        if args.command == "make-demo-data":
+            from .demo import make_demo_data
+
+            print(make_demo_data(args.root, overwrite=args.overwrite))
+            return 0
         config = load_config(args.config, args.overrides)
         config.validate()
         if args.command == "prepare":
@@ -58,15 +65,36 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             from .trainer import run_train
 
-            print(run_train(config))
+            print(run_train(config, overwrite=args.overwrite))
         else:
             from .export import run_export
 
-            print(run_export(config, args.checkpoint, args.output, args.dtype))
+            print(run_export(config, args.checkpoint, args.output, args.dtype, overwrite=args.overwrite))
     except (ConfigError, DataError, SDVGenError, FileNotFoundError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # full disk, read-only or vanished folders: the environment, not a bug
+        print(f"error: {describe_os_error(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # `train` saves a checkpoint on the first Ctrl-C; this is `prepare` or a second one
+        if args.command not in ("prepare", "train"):
+            raise
+        print(f"interrupted: run the same `{args.command}` command again to continue (finished work is kept)",
+              file=sys.stderr)
+        return 130
     return 0
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line naming the file and the likely fix."""
+    where = f" ({error.filename})" if error.filename else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free disk space or point train.output_dir / data.cache_dir / --output to another disk, then run again"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "make the folder writable or choose another train.output_dir / data.cache_dir / --output"
+    else:
+        fix = "check the path and the disk, then run again"
+    return f"{error.strerror or error}{where}: {fix}"
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from .cachefiles import check_items, header, read_item
 from .config import Config, ConfigError
 from .data import DataError
 from .prepare import check_cache_meta, check_video_set_nonempty
@@ -87,11 +87,15 @@ class TrainingCache:
         meta = check_cache_meta(root, config)
         if meta is None:
             raise DataError(f"no prepared cache in {str(root)!r}: run `python -m training prepare` first")
+        if meta.get("complete") is False:
+            raise DataError(f"`prepare` did not finish the cache in {str(root)!r}: re-run it with the same config")
         self.meta = meta
         self.scale = float(self.meta["scaling_factor"])
         self.margin = config.data.identity.jitter_px // 8
         identity_files = sorted((root / IDENTITY).glob("*.safetensors"))
         video_files = sorted((root / VIDEO).glob("*.safetensors"))
+        check_items(identity_files, IDENTITY, meta)  # headers only: a broken file is named before models load
+        check_items(video_files, VIDEO, meta)
         held_identity, train_identity = _holdout(identity_files, config.data.holdout_identity, config.train.seed)
         self.held_video, self.video = _holdout(video_files, config.data.holdout_video, config.train.seed)
         self.identity = _directed_pairs(train_identity)
@@ -112,7 +116,7 @@ class TrainingCache:
         offsets = jitter_offsets(self.margin, len(pairs), generator)
         targets, references, texts = [], [], []
         for (path, target_view), offset in zip(pairs, offsets):
-            stats = _read(path)
+            stats = read_item(path)
             views = []
             for slot, view in enumerate((1 - target_view, target_view)):
                 latent = _sample_latent(stats, f"view{view}", self.scale, generator)
@@ -135,7 +139,7 @@ class TrainingCache:
     def _video_batch(self, paths: list[Path], generator, rules: "StepRules") -> Batch:
         latents, references, texts = [], [], []
         for path in paths:
-            stats = _read(path)
+            stats = read_item(path)
             latents.append(_sample_latent(stats, "video", self.scale, generator))
             frame = reference_frames(stats["frames.mean"].shape[0], 1, rules.reference_frame, generator).item()
             frame_stats = {f"frame.{k}": stats[f"frames.{k}"][frame] for k in ("mean", "std")}
@@ -166,11 +170,6 @@ class StepRules:
         return cls(task.p_view_drop, task.p_token_drop, task.reference_frame, task.video_conditioning, view_drop)
 
 
-def _read(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}
-
-
 def _holdout(files: list[Path], count: int, seed: int) -> tuple[list[Path], list[Path]]:
     if count and count >= len(files):
         raise DataError(f"holdout of {count} items leaves nothing to train on ({len(files)} prepared)")
@@ -184,8 +183,7 @@ def _directed_pairs(files: list[Path]) -> list[tuple[Path, int]]:
     """(file, target view) for every direction a file supports."""
     pairs = []
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            keys = set(handle.keys())
+        keys = header(path)
         pairs.extend((path, view) for view in (0, 1) if f"text.{view}" in keys)
     return pairs
 

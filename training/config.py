@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from sdvgen_core.files import atomic_write_text
 from sdvgen_core.lora import LORA_TARGET_MODULES
 
 
@@ -137,6 +138,9 @@ class Config:
 
     def validate(self) -> None:
         """Raise `ConfigError` on values that cannot work, naming the option."""
+        from .limits import check_limits
+
+        check_limits(self)
         checks = [
             (self.model.path, "model.path must name a CogVideoX diffusers folder"),
             (self.model.dtype in ("bf16", "fp16", "fp32"), "model.dtype must be bf16, fp16 or fp32"),
@@ -264,4 +268,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

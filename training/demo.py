@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from sdvgen_core.presets import build_tiny_model
 from sdvgen_core.video import write_mp4
 
+from .config import ConfigError
 from .data import SUBJECTS200K_BOXES, SUBJECTS200K_SIZE
 
 SUBJECTS = [("mug", (220, 60, 40)), ("robot", (40, 160, 90)), ("duck", (240, 200, 40)), ("lamp", (90, 70, 200)),
@@ -105,9 +106,18 @@ def write_pairs(folder: Path, count: int) -> tuple[Path, list[dict]]:
     return folder / "pairs.jsonl", lines
 
 
+DEMO_FOLDERS = ("subjects200k", "pairs", "videos")
+
+
 def make_demo_data(root: str | Path, subjects200k_rows: int = 8, pairs: int = 2, videos: int = 4,
-                   build_model: bool = True) -> Path:
+                   build_model: bool = True, overwrite: bool = False) -> Path:
+    """Fill `root`; media folders that already hold files are rewritten only with `overwrite` (a folder of
+    real data given by mistake is never overwritten); an existing `model/` is kept."""
     root = Path(root)
+    taken = [name for name in DEMO_FOLDERS if (root / name).is_dir() and any((root / name).iterdir())]
+    if taken and not overwrite:
+        raise ConfigError(f"--root {str(root)!r} already holds {', '.join(f'{n}/' for n in taken)}: choose an empty "
+                          f"folder, or pass --overwrite to rewrite the demo media there")
     if build_model and not (root / "model" / "model_index.json").is_file():
         build_tiny_model(root / "model")
     write_subjects200k(root / "subjects200k" / "train-0.parquet", subjects200k_rows)

@@ -9,15 +9,20 @@ from pathlib import Path
 from sdvgen_core.lora import DEFAULT_ADAPTER, make_lora_config, read_lora_file, save_lora
 from sdvgen_core.pipeline import resolve_dtype
 
-from .config import Config
+from .config import Config, ConfigError
 from .models import load_transformer
+from .rundir import check_writable
 from .trainer import ADAPTER_FILE, LORA_FILE, find_checkpoint, load_adapter
 
 logger = logging.getLogger(__name__)
 
 
-def run_export(config: Config, checkpoint: str, output: str, dtype: str) -> Path:
-    """Write the LoRA of `checkpoint` (a folder or `latest` in `train.output_dir`) to `output` in `dtype`."""
+def run_export(config: Config, checkpoint: str, output: str, dtype: str, overwrite: bool = False) -> Path:
+    """Write the LoRA of `checkpoint` (a folder or `latest` in `train.output_dir`) to `output` in `dtype`.
+
+    An existing `output` is replaced only with `overwrite`; both are checked before the model loads.
+    """
+    check_new_output(Path(output), overwrite)
     folder = find_checkpoint(Path(config.train.output_dir), checkpoint)
     if folder is None:
         raise FileNotFoundError(f"no checkpoint in {config.train.output_dir!r}/checkpoints")
@@ -32,3 +37,12 @@ def run_export(config: Config, checkpoint: str, output: str, dtype: str) -> Path
     path = save_lora(transformer, output, adapter_name=DEFAULT_ADAPTER, dtype=resolve_dtype(dtype), extra_metadata=extra)
     logger.info("exported %s -> %s (%s)", folder, path, dtype)
     return path
+
+
+def check_new_output(output: Path, overwrite: bool) -> None:
+    """`--output` must be a writable file path; an existing file only with `--overwrite`."""
+    if output.is_dir():
+        raise ConfigError(f"--output {str(output)!r} is a folder: name the .safetensors file to write")
+    if output.exists() and not overwrite:
+        raise ConfigError(f"--output {str(output)!r} already exists: choose another name or pass --overwrite")
+    check_writable(output.parent, "--output folder")

@@ -1,17 +1,21 @@
 """`prepare`: encode every training item once (VAE latent statistics, T5 embeddings) into a safetensors cache.
 
 Layout of `data.cache_dir`:
-    meta.json                   sizes, VAE scaling factor, `<cls>` wiring; `train` checks it against its config
+    meta.json                   sizes, VAE scaling factor, `<cls>` wiring, expected item shapes; `train` checks
+                                it against its config (written first with "complete": false, then true)
     identity/<key>.safetensors  view{0,1}.mean/.std `[C, h+2j, w+2j]` (j = jitter margin in latent pixels),
                                 text.{0,1} `[226, D]` (caption of view i as the target; absent if never a target)
     video/<key>.safetensors     video.mean/.std `[T, C, h, w]`; frames.mean/.std `[F, C, h, w]` (every frame
                                 encoded alone as a 1-frame video, so `train` can pick a random reference frame);
                                 text `[226, D]`
-    report-rank<r>.json         skipped inputs by reason
+    report-rank<r>.json         skipped inputs by reason (and broken cache files redone)
+    items-rank<r>.json          the items each rank's share of the sources produces
+    stale/<kind>/               items the configured sources no longer produce, set aside (not used by `train`)
 
 The latent *distribution* (mean, std) is stored, not a sample: `train` draws a fresh sample every step, as
 encoding on the fly would. Items are split round-robin across ranks; finished files are skipped, so an
-interrupted run resumes where it stopped. Files are written to a temporary name and renamed.
+interrupted run resumes where it stopped; existing files are verified against `meta.json`'s shapes (see
+`cachefiles.py`) and broken ones redone. Every file is written to a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ from einops import rearrange
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from sdvgen_core.files import atomic_output
+from sdvgen_core.files import atomic_output, atomic_write_text
 from sdvgen_core.pipeline import resolve_dtype
 from sdvgen_core.prompts import encode_prompts
 from sdvgen_core.reference import FitMode, fit_to_size, image_to_tensor
 
+from .cachefiles import item_problem, item_shapes, read_meta, write_meta
 from .config import Config
 from .data import (
     ClipTooShort,
@@ -46,11 +51,13 @@ from .data import (
     video_records,
 )
 from .models import flush_subnormals_on_cpu, load_text_encoder, load_vae
+from .rundir import check_writable
 
 logger = logging.getLogger(__name__)
 
-META_FILE = "meta.json"
 FRAME_ENCODE_CHUNK = 8
+BROKEN_REDONE = "broken cache file redone"
+STALE_SET_ASIDE = "stale cache item set aside"
 
 
 def cache_meta(config: Config) -> dict:
@@ -68,10 +75,9 @@ def cache_meta(config: Config) -> dict:
 
 def check_cache_meta(root: Path, config: Config) -> dict | None:
     """The cache's recorded settings (None for a new cache); `DataError` when they differ from `config`'s."""
-    meta_path = root / META_FILE
-    if not meta_path.is_file():
+    meta = read_meta(root)
+    if meta is None:
         return None
-    meta = json.loads(meta_path.read_text())
     expected = cache_meta(config)
     changed = sorted(k for k in expected if meta.get(k) != expected[k])
     if changed:
@@ -145,6 +151,21 @@ def encode_video(encoder: Encoder, record, config: Config) -> dict[str, torch.Te
     }
 
 
+def set_aside_stale_items(cache: Path, wanted: set[str]) -> int:
+    """Move cached items that the configured sources no longer produce (sources changed, stricter filters) into
+    `stale/`, so `train` uses exactly this config's data; returns how many."""
+    stale = [path for kind in ("identity", "video") for path in sorted((cache / kind).glob("*.safetensors"))
+             if f"{kind}/{path.name}" not in wanted]
+    for path in stale:
+        target = cache / "stale" / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.replace(target)
+    if stale:
+        logger.warning("moved %d cached items that the configured sources do not produce to %s (delete it when no "
+                       "longer needed)", len(stale), cache / "stale")
+    return len(stale)
+
+
 def check_video_set_nonempty(config: Config, count: int, where: str) -> None:
     if config.video_steps_possible and count == 0:
         raise DataError(
@@ -158,12 +179,21 @@ def run_prepare(config: Config) -> dict[str, int]:
     """Fill the cache; returns the summed skip counts (main process)."""
     accelerator = Accelerator()  # only for ranks and barriers: the encoders run in model.dtype
     cache = Path(config.data.cache_dir)
-    for sub in ("identity", "video"):
-        (cache / sub).mkdir(parents=True, exist_ok=True)
     check_cache_meta(cache, config)  # cached items are reused by name: they must have been made the same way
     check_video_set_nonempty(config, len(video_files(config.data.video)), f"in {config.data.video.folders}")
+    check_writable(cache, "data.cache_dir")
+    for sub in ("identity", "video"):
+        (cache / sub).mkdir(parents=True, exist_ok=True)
     flush_subnormals_on_cpu(accelerator.device)
     encoder = Encoder(config, accelerator.device)
+    meta = cache_meta(config) | {
+        "scaling_factor": encoder.vae.config.scaling_factor,
+        "cls": encoder.cls_info.as_metadata(),
+        "cache_dtype": config.data.cache_dtype,
+        "item_shapes": item_shapes(config, encoder.vae.config, encoder.text_encoder.config.d_model),
+    }
+    if accelerator.is_main_process:  # written first, so an interrupted run's items are checked against it
+        write_meta(cache, meta | {"complete": False})
 
     skips = SkipCounter()
     shard = Shard(accelerator.process_index, accelerator.num_processes)
@@ -173,11 +203,17 @@ def run_prepare(config: Config) -> dict[str, int]:
         (("video", r, encode_video) for r in video_records(config.data.video, skips, shard)),
     )
     done = 0
+    sources = []  # every item of the configured sources on this rank, cached or not
     for kind, record, encode in tqdm(jobs, desc="prepare", unit="item", disable=not accelerator.is_local_main_process):
         path = cache / kind / f"{record.key}.safetensors"
+        sources.append(f"{kind}/{path.name}")
         if path.exists():
-            done += 1
-            continue
+            problem = item_problem(path, kind, meta)
+            if problem is None:
+                done += 1
+                continue
+            skips.skip(BROKEN_REDONE, str(path), problem)
+            path.unlink()  # never left behind for `train`, even if the item cannot be encoded again
         try:
             tensors = encode(encoder, record, config)
         except ClipTooShort as error:
@@ -188,21 +224,25 @@ def run_prepare(config: Config) -> dict[str, int]:
             continue
         captions = getattr(record, "captions", None) or [record.caption]
         write_safetensors(tensors, path, {"key": record.key, "captions": json.dumps(list(captions))})
-    (cache / f"report-rank{accelerator.process_index}.json").write_text(json.dumps(dict(skips), indent=2))
+    atomic_write_text(cache / f"report-rank{accelerator.process_index}.json", json.dumps(dict(skips), indent=2))
+    atomic_write_text(cache / f"items-rank{accelerator.process_index}.json", json.dumps(sources))
     accelerator.wait_for_everyone()
 
     total = SkipCounter()
     if accelerator.is_main_process:
         for rank in range(accelerator.num_processes):  # not a glob: an earlier run may have had more ranks
             total.update(json.loads((cache / f"report-rank{rank}.json").read_text()))
-        meta = cache_meta(config) | {
-            "scaling_factor": encoder.vae.config.scaling_factor,
-            "cls": encoder.cls_info.as_metadata(),
-        }
-        (cache / META_FILE).write_text(json.dumps(meta, indent=2))
+        wanted = {item for rank in range(accelerator.num_processes)
+                  for item in json.loads((cache / f"items-rank{rank}.json").read_text())}
+        stale = set_aside_stale_items(cache, wanted)
+        if stale:
+            total[STALE_SET_ASIDE] = stale
+        write_meta(cache, meta | {"complete": True})
         counts = {kind: len(list((cache / kind).glob("*.safetensors"))) for kind in ("identity", "video")}
-        logger.info("cache %s: %d identity items, %d videos (%d already done); skipped %s",
-                    cache, counts["identity"], counts["video"], done, dict(total) or "nothing")
+        logger.info("cache %s: %d identity items, %d videos (%d verified and reused, %d broken ones redone, %d not "
+                    "from these sources moved to stale/); skipped %s", cache, counts["identity"], counts["video"],
+                    done, total[BROKEN_REDONE], total[STALE_SET_ASIDE],
+                    dict(total) or "nothing")
         check_video_set_nonempty(config, counts["video"], f"in the cache {str(cache)!r} after decoding")
     accelerator.wait_for_everyone()
     return dict(total)

@@ -26,6 +26,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from sdvgen_core.files import atomic_write_text
 from sdvgen_core.lora import DEFAULT_ADAPTER, make_lora_config, save_lora
 from sdvgen_core.pipeline import resolve_dtype
 
@@ -44,15 +45,24 @@ from .config import Config, ConfigError, save_config
 from .models import flush_subnormals_on_cpu, load_scheduler, load_transformer
 from .monitor import FlatGradients, MonitorLog, PCGradBuffer, gradient_stats
 from .prepare import write_safetensors
+from .rundir import (
+    CHECKPOINT_PREFIX,
+    LORA_FILE,
+    STATE_FILE,
+    abandon_newer,
+    check_writable,
+    checkpoint_write_error,
+    complete_checkpoints,
+    find_checkpoint,
+    plan_run,
+    replace_earlier_run,
+)
 from .validation import Validator
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter.safetensors"  # unfolded fp32 PEFT weights, for exact resume
-LORA_FILE = "sdvgen_lora.safetensors"  # the exported LoRA (core writer: folded alpha, diffusers-loadable)
-STATE_FILE = "trainer_state.json"
 PCGRAD_FILE = "pcgrad_buffer.safetensors"
-CHECKPOINT_PREFIX = "step-"
 
 
 def v_prediction_loss(model, scheduler, batch: Batch, generator: torch.Generator) -> torch.Tensor:
@@ -85,7 +95,7 @@ class TrainerState:
     batches: dict[str, int] = field(default_factory=lambda: {IDENTITY: 0, VIDEO: 0})
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps({"step": self.step, "batches": self.batches}))
+        atomic_write_text(path, json.dumps({"step": self.step, "batches": self.batches}))
 
     @classmethod
     def load(cls, path: Path) -> "TrainerState":
@@ -116,18 +126,6 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def find_checkpoint(output_dir: Path, which: str) -> Path | None:
-    """`latest` -> the newest complete checkpoint (or None); otherwise the named folder."""
-    if which != "latest":
-        path = Path(which)
-        if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"{str(path)!r} is not a checkpoint folder (no {STATE_FILE})")
-        return path
-    checkpoints = sorted((output_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*[0-9]"))
-    complete = [c for c in checkpoints if (c / STATE_FILE).is_file()]
-    return complete[-1] if complete else None
-
-
 def lora_metadata(config: Config, cls_metadata: dict[str, str], step: int) -> dict[str, str]:
     recipe = {k: config.to_dict()[k] for k in ("lora", "task", "optim", "train")}
     return {
@@ -139,11 +137,14 @@ def lora_metadata(config: Config, cls_metadata: dict[str, str], step: int) -> di
 
 
 class Trainer:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, overwrite: bool = False):
+        """`overwrite`: start afresh in an output folder that holds an earlier run (moved aside, not deleted)."""
         config.validate()
         self.config = config
         train = config.train
         self.output_dir = Path(train.output_dir)
+        self.plan = plan_run(config, overwrite)  # before anything loads: refuse to mix runs in one folder
+        check_writable(self.output_dir, "train.output_dir")
         self.accelerator = Accelerator(
             mixed_precision=train.mixed_precision,
             gradient_accumulation_steps=train.gradient_accumulation,
@@ -164,6 +165,7 @@ class Trainer:
         self.streams = {IDENTITY: BatchStream(self.cache.identity, train.seed, 0),
                         VIDEO: BatchStream(self.cache.video, train.seed, 1)}
         self.state = TrainerState()
+        self.validator = Validator(config) if config.validation.every else None  # reads its images: before models
 
         set_seed(train.seed)  # the LoRA's initial weights depend only on the seed
         self.weight_dtype = resolve_dtype(config.model.dtype)
@@ -197,7 +199,6 @@ class Trainer:
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(transformer, optimizer, lr_scheduler)
         self.flat = FlatGradients(self.unwrapped)
         self.pcgrad = PCGradBuffer(config.monitor.pcgrad_buffer) if config.monitor.pcgrad else None
-        self.validator = Validator(config) if config.validation.every else None
         self.monitor_log = MonitorLog(self.output_dir)
 
     def _check_launch(self) -> None:
@@ -253,8 +254,11 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         # DeepSpeed would otherwise write the frozen 5B weights into every checkpoint
         frozen = {"exclude_frozen_parameters": True} if self.distributed == DistributedType.DEEPSPEED else {}
-        self.accelerator.save_state(str(staging), **frozen)
-        self.export_lora(staging / LORA_FILE)
+        try:
+            self.accelerator.save_state(str(staging), **frozen)
+            self.export_lora(staging / LORA_FILE)
+        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+            raise checkpoint_write_error(error, staging) from error
         if self.accelerator.is_main_process:
             if self.pcgrad is not None:
                 write_safetensors(self.pcgrad.state_tensors(), staging / PCGRAD_FILE, {})
@@ -270,20 +274,19 @@ class Trainer:
     def _prune_checkpoints(self) -> None:
         keep = self.config.train.keep_checkpoints
         if keep:
-            for old in sorted((self.output_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*[0-9]"))[:-keep]:
+            for old in complete_checkpoints(self.output_dir)[:-keep]:
                 shutil.rmtree(old)
 
-    def resume(self, which: str) -> None:
-        checkpoint = find_checkpoint(self.output_dir, which)
-        if checkpoint is None:
-            logger.info("no checkpoint in %s: starting fresh", self.output_dir)
-            return
+    def resume(self, checkpoint: Path) -> None:
         partial = {"load_module_strict": False} if self.distributed == DistributedType.DEEPSPEED else {}
         self.accelerator.load_state(str(checkpoint), **partial)
         self.state = TrainerState.load(checkpoint / STATE_FILE)
         if self.pcgrad is not None and (checkpoint / PCGRAD_FILE).is_file():
             self.pcgrad.load_tensors(load_file(checkpoint / PCGRAD_FILE), self.accelerator.device)
         logger.info("resumed from %s at step %d", checkpoint, self.state.step)
+        if self.accelerator.is_main_process:  # `latest` and `export` must follow the resumed run
+            abandon_newer(self.output_dir, self.state.step)
+        self.accelerator.wait_for_everyone()
 
     def export_lora(self, path: Path) -> None:
         """Write the LoRA file (main process; every rank must call this, FSDP gathers collectively)."""
@@ -379,8 +382,11 @@ class Trainer:
 
     def train(self) -> Path:
         config, accelerator = self.config, self.accelerator
-        if config.train.resume:
-            self.resume(config.train.resume)
+        if self.plan.replace_earlier and accelerator.is_main_process:
+            replace_earlier_run(self.output_dir)
+        accelerator.wait_for_everyone()
+        if self.plan.checkpoint is not None:
+            self.resume(self.plan.checkpoint)
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.output_dir / "config.yaml")
@@ -472,5 +478,5 @@ def load_adapter(transformer, path: Path) -> None:
         raise ValueError(f"{str(path)!r} does not match this LoRA setup (unexpected {unexpected[:1]})")
 
 
-def run_train(config: Config) -> Path:
-    return Trainer(config).train()
+def run_train(config: Config, overwrite: bool = False) -> Path:
+    return Trainer(config, overwrite).train()
