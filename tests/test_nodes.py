@@ -97,7 +97,8 @@ def test_importing_the_pack_like_comfyui_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(
-        ["CLS Prompt", "Dual-Task Sampler", "Load SDV LoRA", "SDV-Gen Decode", "Subject Reference Encode"]
+        ["CLS Prompt", "Dual-Task Sampler", "Load SDV LoRA", "SDV-Gen Decode", "SDV-Gen Wan CLS Text Encode",
+         "SDV-Gen Wan LoRA Loader", "SDV-Gen Wan Subject Reference", "Subject Reference Encode"]
     )
 
 
