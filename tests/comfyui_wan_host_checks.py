@@ -4,17 +4,14 @@
 
 Builds a tiny native-format Wan 2.2 TI2V-5B transformer (detected by ComfyUI from its tensor shapes), loads
 it with the core UNETLoader, patches it with our nodes, samples with the core KSampler, and prints one JSON
-object of measured results (the pytest side asserts on them). Test-only stand-ins: a tiny UMT5 text encoder
-(the real tokenizer class and a small sentencepiece model) and a tiny "VAE" whose encode is a fixed pooling,
-because the host's UMT5-XXL and Wan 2.2 VAE only come at full size.
+object of measured results (the pytest side asserts on them). The text encoder and VAE are the test-only
+stand-ins of comfyui_wan_standins.py (the host's UMT5-XXL and Wan 2.2 VAE only come at full size).
 """
 
 from __future__ import annotations
 
 import importlib
-import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,40 +20,27 @@ sys.path.insert(0, str(COMFYUI_ROOT))
 sys.path.insert(0, str(WORKDIR))
 
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 import comfy.cli_args  # noqa: E402
 
 comfy.cli_args.args.cpu = True  # as `main.py --cpu`: before model_management picks a device
 
-import comfy.ldm.wan.model  # noqa: E402
 import comfy.lora  # noqa: E402
 import comfy.lora_convert  # noqa: E402
 import comfy.model_management  # noqa: E402
-import comfy.ops  # noqa: E402
 import comfy.patcher_extension  # noqa: E402
-import comfy.sd  # noqa: E402
-import comfy.text_encoders.wan  # noqa: E402
 import folder_paths  # noqa: E402
 import nodes as comfy_nodes  # noqa: E402  (ComfyUI's nodes.py: UNETLoader, KSampler, LoraLoaderModelOnly)
+
+from comfyui_wan_standins import PoolingVAE, tiny_umt5_clip, write_tiny_wan22  # noqa: E402
 
 PACK = "sdvgen_pack_under_test"
 (WORKDIR / PACK).symlink_to(REPO, target_is_directory=True)
 wan_nodes = importlib.import_module(f"{PACK}.nodes.wan")
 
-TINY_WAN = dict(model_type="t2v", in_dim=48, out_dim=48, dim=128, ffn_dim=256, num_heads=1, num_layers=2, text_dim=4096)
 UNET_NAME, LORA_NAME = "tiny_wan22_ti2v.safetensors", LORA_FILE.name
 WIDTH, HEIGHT, LENGTH = 64, 32, 9  # latent 4 x 2 x 3 frames
 results: dict[str, object] = {}
-
-
-def write_tiny_wan22(path: Path) -> dict[str, torch.Tensor]:
-    """A native-layout Wan 2.2 TI2V-architecture state dict, random but deterministic."""
-    model = comfy.ldm.wan.model.WanModel(**TINY_WAN, operations=comfy.ops.disable_weight_init, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(0)
-    state = {key: torch.randn(value.shape, generator=generator) * 0.05 for key, value in model.state_dict().items()}
-    save_file(state, str(path))
-    return state
 
 
 def patched_native_prediction(model_patcher, latents: torch.Tensor, timestep: torch.Tensor,
@@ -70,18 +54,6 @@ def patched_native_prediction(model_patcher, latents: torch.Tensor, timestep: to
     options = {"wrappers": comfy.patcher_extension.copy_nested_dicts(model_patcher.wrappers)}
     denoised = base.apply_model(latents, sigma, c_crossattn=context, transformer_options=options)
     return (latents - denoised) / sigma.reshape(-1, 1, 1, 1, 1)
-
-
-class PoolingVAE:
-    """Test-only stand-in for the Wan 2.2 VAE: 16x average pooling and a fixed 3 -> 48 channel map."""
-
-    def __init__(self) -> None:
-        self.weight = torch.randn(48, 3, generator=torch.Generator().manual_seed(5))
-
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:  # [F, H, W, 3] -> [1, 48, F', h, w]
-        pooled = torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1), 16)  # [F, 3, h, w]
-        latent = torch.einsum("oc,fchw->ofhw", self.weight, pooled)[None]
-        return latent[:, :, :1] if pixels.shape[0] == 1 else latent
 
 
 def subject_image(seed: int) -> torch.Tensor:
@@ -191,41 +163,6 @@ def main() -> None:
 
     results["cls"] = cls_checks()
     print("RESULTS " + json.dumps(results))
-
-
-def tiny_umt5_clip():
-    """A real comfy.sd.CLIP around the real UMT5 tokenizer class with a small sentencepiece model, and a
-    1-layer UMT5 encoder that keeps UMT5-XXL's 256,384-row embedding table (narrow rows)."""
-    import sentencepiece
-
-    corpus = ["a toy robot walks through a snowy forest", "a plush dog jumps on a trampoline",
-              "cinematic lighting, a red backpack on a table", "the cat sleeps < > cls in the sun"] * 50
-    model_bytes = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model_bytes, vocab_size=40,
-                                             model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                             hard_vocab_limit=False, minloglevel=2)
-    config = json.loads((COMFYUI_ROOT / "comfy/text_encoders/umt5_config_xxl.json").read_text())
-    config.update(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=1, num_decoder_layers=1)
-
-    class TinyUMT5(comfy.text_encoders.wan.UMT5XXlModel):
-        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, model_options={}):
-            comfy.sd1_clip.SDClipModel.__init__(
-                self, device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config=config, dtype=dtype,
-                special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5, enable_attention_masks=True,
-                zero_out_masked=True, model_options=model_options)
-
-    class Target:
-        params = {}
-        clip = comfy.text_encoders.wan.te()
-        tokenizer = comfy.text_encoders.wan.WanT5Tokenizer
-
-    clip = comfy.sd.CLIP(Target, tokenizer_data={"spiece_model": model_bytes.getvalue()},
-                         model_options={"umt5xxl_class": TinyUMT5})
-    encoder = clip.cond_stage_model.umt5xxl.transformer
-    with torch.no_grad():
-        for parameter in encoder.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(parameter.numel())) * 0.1)
-    return clip, model_bytes.getvalue()
 
 
 def cls_checks() -> dict:

@@ -5,22 +5,28 @@
 In-process part (`comfyui_wan_host_checks.py`, run by the host's Python): a tiny native-format Wan 2.2
 transformer goes through the core UNETLoader, our LoRA loader (a tiny LoRA written here with peft on
 diffusers' WanTransformer3DModel) and our subject-reference patch into the core KSampler. Server part: the
-shipped Wan workflow converts to the API format against the host's /object_info (the server fixture and
-the core-node check are the ones of test_comfyui_host.py).
+shipped Wan workflow, converted with the host's /object_info, runs in ComfyUI with the tiny model under the
+workflow's file names; only its CLIPLoader and VAELoader are swapped for test-only loaders of tiny stand-ins
+(`comfyui_wan_test_nodes.py`, placed in custom_nodes/ for the run and removed afterwards).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
+import av
 import pytest
 
 from comfy_workflow import to_api
-from test_comfyui_host import COMFYUI_ROOT, REPO, WORKFLOWS, comfyui, object_info  # noqa: F401 (fixtures)
+from conftest import draw_subject
+from test_comfyui_host import COMFYUI_ROOT, REPO, RUN_TIMEOUT, WORKFLOWS, place, start_comfyui, stop_comfyui
 
 pytestmark = pytest.mark.skipif(not COMFYUI_ROOT, reason="set COMFYUI_ROOT to a ComfyUI checkout to run the real-host test")
 
@@ -64,6 +70,7 @@ def host_results(tmp_path_factory):
     results = json.loads(lines[-1][len("RESULTS "):])
     print(json.dumps(results, indent=1))  # the measured numbers, shown with -s
     results["written_lora_modules"] = modules
+    results["work"], results["lora"] = str(work), str(lora)
     return results
 
 
@@ -111,12 +118,98 @@ def test_cls_is_umt5s_spare_row_inserted_before_the_subject(host_results):
     assert result["row_changes_output"] > 1e-4
 
 
-def test_wan_workflow_converts_against_the_host_object_info(object_info):  # noqa: F811
-    workflow = json.loads((WORKFLOWS / "sdvgen_wan22_subject_to_video.json").read_text())
-    prompt = to_api(workflow, object_info)
-    types = {entry["class_type"] for entry in prompt.values()}
-    assert {"UNETLoader", "CLIPLoader", "VAELoader", "KSampler", "VAEDecode", "SDVGenWanSubjectReference",
-            "SDVGenWanCLSTextEncode", "SDVGenWanLoraLoader"} <= types
+WORKFLOW = "sdvgen_wan22_subject_to_video"
+WIDTH, HEIGHT, LENGTH, STEPS = 64, 32, 9, 3
+STAND_INS = {"CLIPLoader": "SDVGenTestTinyUMT5Loader", "VAELoader": "SDVGenTestPoolingVAELoader"}
+
+
+@pytest.fixture(scope="module")
+def wan_comfyui(host_results, tmp_path_factory):
+    """ComfyUI with the pack, the test-only loaders, and the tiny model and LoRA under the workflow's names."""
+    root = Path(COMFYUI_ROOT).resolve()
+    work = tmp_path_factory.mktemp("comfyui-wan-server")
+    workflow = json.loads((WORKFLOWS / f"{WORKFLOW}.json").read_text())
+    files = {node["type"]: node["widgets_values"][0] for node in workflow["nodes"]
+             if node["type"] in ("UNETLoader", "SDVGenWanLoraLoader")}
+    created: list[Path] = []
+    process = None
+    try:
+        extension, test_nodes = (f"{prefix}_{uuid.uuid4().hex[:8]}" for prefix in ("sdvgen_wan_host_test", "sdvgen_wan_test_nodes"))
+        place(root / "custom_nodes" / extension, created).symlink_to(REPO, target_is_directory=True)
+        folder = place(root / "custom_nodes" / test_nodes, created)
+        folder.mkdir()
+        (folder / "__init__.py").symlink_to(Path(__file__).with_name("comfyui_wan_test_nodes.py"))
+        (folder / "comfyui_wan_standins.py").symlink_to(Path(__file__).with_name("comfyui_wan_standins.py"))
+        model = Path(host_results["work"]) / "models" / "diffusion_models" / "tiny_wan22_ti2v.safetensors"
+        shutil.copyfile(model, place(root / "models" / "diffusion_models" / files["UNETLoader"], created))
+        shutil.copyfile(host_results["lora"], place(root / "models" / "loras" / files["SDVGenWanLoraLoader"], created))
+        for name in ("input", "user"):
+            (work / name).mkdir()
+        draw_subject(size=(120, 90), mode="RGBA").save(work / "input" / "subject.png")
+        process, server = start_comfyui(root, os.environ.get("COMFYUI_PYTHON", sys.executable), work,
+                                        [extension, test_nodes])
+        yield server
+    finally:
+        stop_comfyui(process)
+        for path in reversed(created):
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                shutil.rmtree(path)
+
+
+@pytest.fixture(scope="module")
+def wan_prompt(wan_comfyui):
+    """The shipped workflow in the API format of this host, at CPU size, with the stand-in loaders."""
+    info = wan_comfyui.get("/object_info")
+    assert "SDVGenWanSubjectReference" in info and "SDVGenTestTinyUMT5Loader" in info, wan_comfyui.log_tail()
+    prompt = to_api(json.loads((WORKFLOWS / f"{WORKFLOW}.json").read_text()), info)
     for entry in prompt.values():
-        required = object_info[entry["class_type"]]["input"]["required"]
+        required = info[entry["class_type"]]["input"]["required"]
         assert set(required) <= set(entry["inputs"]), entry
+        if entry["class_type"] in STAND_INS:
+            entry.update(class_type=STAND_INS[entry["class_type"]], inputs={})
+        elif entry["class_type"] == "SDVGenWanSubjectReference":
+            entry["inputs"].update(width=WIDTH, height=HEIGHT, length=LENGTH)
+        elif entry["class_type"] == "KSampler":
+            entry["inputs"].update(steps=STEPS)
+    return prompt
+
+
+def node_of(prompt: dict, class_type: str) -> str:
+    (node_id,) = [i for i, entry in prompt.items() if entry["class_type"] == class_type]
+    return node_id
+
+
+def test_wan_workflow_runs_in_comfyui_with_progress_and_previews(wan_comfyui, wan_prompt):
+    seen_progress, seen_previews = len(wan_comfyui.events.progress), len(wan_comfyui.events.previews)
+    entry = wan_comfyui.wait(wan_comfyui.queue(wan_prompt))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1) + wan_comfyui.log_tail()
+    (video,) = entry["outputs"][node_of(wan_prompt, "SaveVideo")]["images"]
+    with av.open(str(wan_comfyui.output / video["subfolder"] / video["filename"])) as container:
+        frames = [frame.to_image() for frame in container.decode(video=0)]
+    assert len(frames) == LENGTH and frames[0].size == (WIDTH, HEIGHT)
+    (text,) = entry["outputs"][node_of(wan_prompt, "PreviewAny")]["text"]
+    assert "<cls> robot" in text
+    sampler = node_of(wan_prompt, "KSampler")
+    time.sleep(1)  # messages are sent asynchronously
+    steps = [p["value"] for p in wan_comfyui.events.progress[seen_progress:] if p["node"] == sampler]
+    assert steps == list(range(1, STEPS + 1))
+    assert len(wan_comfyui.events.previews[seen_previews:]) == STEPS  # Wan 2.2 latent previews of the video frames
+
+
+def test_cancel_stops_the_ksampler_on_the_patched_model(wan_comfyui, wan_prompt):
+    prompt = json.loads(json.dumps(wan_prompt))
+    sampler = node_of(prompt, "KSampler")
+    prompt[sampler]["inputs"].update(steps=500, seed=11)
+    seen = len(wan_comfyui.events.progress)
+    prompt_id = wan_comfyui.queue(prompt)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while len([p for p in wan_comfyui.events.progress[seen:] if p["node"] == sampler]) < 2:
+        assert time.monotonic() < deadline, wan_comfyui.log_tail()
+        time.sleep(0.05)
+    wan_comfyui.post("/interrupt", {})
+    entry = wan_comfyui.wait(prompt_id)
+    messages = dict(entry["status"]["messages"])
+    assert messages["execution_interrupted"]["node_type"] == "KSampler"
+    assert max(p["value"] for p in wan_comfyui.events.progress[seen:] if p["node"] == sampler) < 100
