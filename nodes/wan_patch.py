@@ -111,10 +111,13 @@ _DIFFUSERS_TO_NATIVE_WAN = [
     (r"blocks\.(\d+)\.attn1\.to_k", r"blocks.\1.self_attn.k"),
     (r"blocks\.(\d+)\.attn1\.to_v", r"blocks.\1.self_attn.v"),
     (r"blocks\.(\d+)\.attn1\.to_out\.0", r"blocks.\1.self_attn.o"),
+    (r"blocks\.(\d+)\.attn1\.norm_([qk])", r"blocks.\1.self_attn.norm_\2"),
     (r"blocks\.(\d+)\.attn2\.to_q", r"blocks.\1.cross_attn.q"),
     (r"blocks\.(\d+)\.attn2\.to_k", r"blocks.\1.cross_attn.k"),
     (r"blocks\.(\d+)\.attn2\.to_v", r"blocks.\1.cross_attn.v"),
     (r"blocks\.(\d+)\.attn2\.to_out\.0", r"blocks.\1.cross_attn.o"),
+    (r"blocks\.(\d+)\.attn2\.norm_([qk])", r"blocks.\1.cross_attn.norm_\2"),
+    (r"blocks\.(\d+)\.norm2", r"blocks.\1.norm3"),  # the cross-attention norm (affine) is norm3 natively
     (r"blocks\.(\d+)\.ffn\.net\.0\.proj", r"blocks.\1.ffn.0"),
     (r"blocks\.(\d+)\.ffn\.net\.2", r"blocks.\1.ffn.2"),
     (r"patch_embedding", r"patch_embedding"),
@@ -125,6 +128,31 @@ _DIFFUSERS_TO_NATIVE_WAN = [
     (r"condition_embedder\.time_proj", r"time_projection.1"),
     (r"proj_out", r"head.head"),
 ]
+_DIFFUSERS_TO_NATIVE_PARAMETERS = {"scale_shift_table": "head.modulation"}  # per block: blocks.N.modulation
+
+
+def native_wan_module(module: str) -> str | None:
+    """ComfyUI's native name of a diffusers `WanTransformer3DModel` module (`blocks.0.attn1.to_q` ->
+    `blocks.0.self_attn.q`), or None for a name that is not one."""
+    for pattern, replacement in _DIFFUSERS_TO_NATIVE_WAN:
+        if re.fullmatch(pattern, module):
+            return re.sub(pattern, replacement, module)
+    return None
+
+
+def native_wan_key(key: str) -> str | None:
+    """ComfyUI's native key of a diffusers `WanTransformer3DModel` weight (`...attn1.to_q.weight`,
+    `blocks.0.scale_shift_table` -> `blocks.0.modulation`), or None."""
+    if key in _DIFFUSERS_TO_NATIVE_PARAMETERS:
+        return _DIFFUSERS_TO_NATIVE_PARAMETERS[key]
+    block = re.fullmatch(r"(blocks\.\d+)\.scale_shift_table", key)
+    if block:
+        return f"{block[1]}.modulation"
+    module, _, parameter = key.rpartition(".")
+    native = native_wan_module(module)
+    return None if native is None else f"{native}.{parameter}"
+
+
 _LORA_KEY = re.compile(r"^(?:transformer\.)?(?P<module>.+)\.(?P<part>lora_[AB]\.weight|lora_B\.bias)$")
 
 
@@ -138,12 +166,7 @@ def diffusers_wan_lora_to_native(state_dict: dict) -> dict:
     converted = {}
     for key, tensor in state_dict.items():
         match = _LORA_KEY.match(key)
-        native = None
-        if match:
-            for pattern, replacement in _DIFFUSERS_TO_NATIVE_WAN:
-                if re.fullmatch(pattern, match["module"]):
-                    native = re.sub(pattern, replacement, match["module"])
-                    break
+        native = native_wan_module(match["module"]) if match else None
         if native is None:
             raise sdvgen_core.LoraLoadError(
                 f"LoRA key {key!r} is not a LoRA tensor of a Wan 2.2 transformer module in the diffusers layout "

@@ -62,7 +62,7 @@ def subject_image(seed: int) -> torch.Tensor:
 
 def main() -> None:
     for folder, name in (("diffusion_models", "models/diffusion_models"), ("loras", "models/loras")):
-        (WORKDIR / name).mkdir(parents=True, exist_ok=True)
+        (WORKDIR / name).mkdir(parents=True, exist_ok=True)  # diffusion_models holds the renamed diffusers model
         folder_paths.add_model_folder_path(folder, str(WORKDIR / name), is_default=True)
     state = write_tiny_wan22(WORKDIR / "models/diffusion_models" / UNET_NAME)
     (WORKDIR / "models/loras" / LORA_NAME).symlink_to(LORA_FILE)
@@ -71,8 +71,21 @@ def main() -> None:
     results["detected"] = [type(model.model).__name__, model.model.latent_format.latent_channels,
                            type(model.model.diffusion_model).__name__]
 
-    # --- LoRA: core LoraLoaderModelOnly cannot map the diffusers layout; our loader maps every key --------------
+    # --- weights renamed from a stock diffusers model: ComfyUI's model predicts what diffusers predicted --------
     from safetensors.torch import load_file
+    reference = load_file(str(WORKDIR / "diffusers_reference.safetensors"))
+    renamed = load_file(str(WORKDIR / "models/diffusion_models/tiny_wan22_from_diffusers.safetensors"))
+    (from_diffusers,) = comfy_nodes.UNETLoader().load_unet("tiny_wan22_from_diffusers.safetensors", "default")
+    native_keys = set(from_diffusers.model.diffusion_model.state_dict())
+    velocity = patched_native_prediction(from_diffusers, reference["latents"], reference["timestep"], reference["context"])
+    results["diffusers_vs_native"] = {
+        "missing": sorted(native_keys - set(renamed)), "unexpected": sorted(set(renamed) - native_keys),
+        "max_error": (velocity - reference["velocity"]).abs().max().item(), "scale": reference["velocity"].abs().max().item(),
+    }
+    del from_diffusers
+    comfy.model_management.unload_all_models()
+
+    # --- LoRA: core LoraLoaderModelOnly cannot map the diffusers layout; our loader maps every key --------------
     raw = load_file(str(LORA_FILE))
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     results["lora_modules"] = len({k.rsplit(".lora_", 1)[0] for k in raw})

@@ -38,15 +38,43 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2
                 "condition_embedder.text_embedder.linear_1", "condition_embedder.text_embedder.linear_2"]
 
 
-def write_tiny_wan_lora(path: Path) -> int:
-    """A rank-4 LoRA with non-zero up weights in the diffusers key layout; returns its module count."""
+def tiny_diffusers_wan(seed: int):
     import torch
     from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(**TINY_WAN_DIFFUSERS).eval()
+
+
+def write_diffusers_reference(models: Path, path: Path) -> None:
+    """A stock diffusers tiny Wan 2.2, its weights renamed to ComfyUI's native keys (for UNETLoader), and its
+    prediction on fixed inputs: the host checks that ComfyUI's model gives the same (the base the lead's
+    cross-check against our diffusers adapter builds on)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from nodes.wan_patch import native_wan_key
+
+    transformer = tiny_diffusers_wan(seed=1)
+    native = {native_wan_key(key): value.contiguous() for key, value in transformer.state_dict().items()}
+    assert None not in native and len(native) == len(transformer.state_dict())
+    (models / "diffusion_models").mkdir(parents=True)
+    save_file(native, str(models / "diffusion_models" / "tiny_wan22_from_diffusers.safetensors"))
+    generator = torch.Generator().manual_seed(2)
+    inputs = {"latents": torch.randn(1, 48, 3, 2, 4, generator=generator), "timestep": torch.tensor([700.0]),
+              "context": torch.randn(1, 7, 4096, generator=generator)}
+    with torch.no_grad():
+        velocity = transformer(hidden_states=inputs["latents"], timestep=inputs["timestep"],
+                               encoder_hidden_states=inputs["context"], return_dict=False)[0]
+    save_file({**inputs, "velocity": velocity}, str(path))
+
+
+def write_tiny_wan_lora(path: Path) -> int:
+    """A rank-4 LoRA with non-zero up weights in the diffusers key layout; returns its module count."""
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
     from safetensors.torch import save_file
 
-    torch.manual_seed(0)
-    transformer = WanTransformer3DModel(**TINY_WAN_DIFFUSERS)
+    transformer = tiny_diffusers_wan(seed=0)
     transformer = inject_adapter_in_model(
         LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False), transformer)
     state = {f"transformer.{key}": value.contiguous() for key, value in get_peft_model_state_dict(transformer).items()}
@@ -59,6 +87,7 @@ def host_results(tmp_path_factory):
     work = tmp_path_factory.mktemp("comfyui-wan")
     lora = work / "sdvgen_wan22_lora.safetensors"
     modules = write_tiny_wan_lora(lora)
+    write_diffusers_reference(work / "models", work / "diffusers_reference.safetensors")
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     run = subprocess.run(
         [python, str(Path(__file__).with_name("comfyui_wan_host_checks.py")), str(Path(COMFYUI_ROOT).resolve()),
@@ -76,6 +105,12 @@ def host_results(tmp_path_factory):
 
 def test_tiny_native_model_is_detected_as_wan22(host_results):
     assert host_results["detected"] == ["WAN22", 48, "WanModel"]
+
+
+def test_comfyuis_model_on_weights_renamed_from_diffusers_predicts_as_diffusers(host_results):
+    result = host_results["diffusers_vs_native"]
+    assert result["missing"] == [] and result["unexpected"] == []
+    assert result["max_error"] <= 1e-4 * result["scale"], result
 
 
 def test_core_cannot_map_the_diffusers_lora_but_our_loader_maps_every_key(host_results):
