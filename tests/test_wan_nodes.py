@@ -127,3 +127,19 @@ def test_diffusers_wan_lora_keys_become_comfyuis_native_names():
 def test_a_cogvideox_lora_is_a_clear_error():
     with pytest.raises(LoraLoadError, match="transformer_blocks.0.attn1.to_q.lora_A.weight.*CogVideoX"):
         diffusers_wan_lora_to_native({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(1)})
+
+
+def test_every_diffusers_wan_weight_has_one_native_name():
+    from diffusers import WanTransformer3DModel
+
+    from nodes.wan_patch import native_wan_key
+
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=1, attention_head_dim=128, in_channels=48, out_channels=48,
+        text_dim=4096, freq_dim=256, ffn_dim=256, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads")
+    names = {key: native_wan_key(key) for key in transformer.state_dict()}
+    assert None not in names.values() and len(set(names.values())) == len(names)
+    assert names["blocks.1.norm2.weight"] == "blocks.1.norm3.weight"
+    assert names["blocks.1.scale_shift_table"] == "blocks.1.modulation"
+    assert names["scale_shift_table"] == "head.modulation"
+    assert names["condition_embedder.time_proj.bias"] == "time_projection.1.bias"
