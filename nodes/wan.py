@@ -18,6 +18,7 @@ from .wan_patch import (
     WAN22_SIZE_STEP,
     ReferenceTokensWrapper,
     diffusers_wan_lora_to_native,
+    size_memory_for_reference_frame,
     insert_token_for_marker,
     wan22_latent_shape,
     wan22_video_size_problem,
@@ -124,9 +125,12 @@ class WanSubjectReference:
             )
 
         patched = model.clone()
-        wrappers = _host("comfy.patcher_extension").WrappersMP.DIFFUSION_MODEL
-        patched.remove_wrappers_with_key(wrappers, WRAPPER_KEY)  # a second reference replaces ours, not others'
-        patched.add_wrapper_with_key(wrappers, WRAPPER_KEY, ReferenceTokensWrapper(reference, reference_timestep == "clean"))
+        wrappers = _host("comfy.patcher_extension").WrappersMP
+        for kind in (wrappers.DIFFUSION_MODEL, wrappers.PREPARE_SAMPLING):  # a second reference replaces ours only
+            patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
+        patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY,
+                                     ReferenceTokensWrapper(reference, reference_timestep == "clean"))
+        patched.add_wrapper_with_key(wrappers.PREPARE_SAMPLING, WRAPPER_KEY, size_memory_for_reference_frame)
         latent = torch.zeros(wan22_latent_shape(batch_size, width, height, length), device=management.intermediate_device())
         return (patched, {"samples": latent}, pixels)
 

@@ -83,6 +83,14 @@ class ReferenceTokensWrapper:
         return output[:, :, 1:]
 
 
+def size_memory_for_reference_frame(executor, model, noise_shape, conds, model_options=None, **kwargs):
+    """Sampling-preparation wrapper (`WrappersMP.PREPARE_SAMPLING`): ComfyUI estimates the memory a model call
+    needs from the latent's shape; the model runs on one latent frame more (the reference), so estimate that."""
+    if len(noise_shape) == 5:
+        noise_shape = [*noise_shape[:2], noise_shape[2] + 1, *noise_shape[3:]]
+    return executor(model, noise_shape, conds, model_options=model_options, **kwargs)
+
+
 def insert_token_for_marker(token_batches: list[list[tuple]], marker: list[int], token_id: int, pad_token: int,
                             min_length: int | None) -> list[list[tuple]]:
     """Replace the first run of `marker` ids in ComfyUI token lists by the single id `token_id`.

@@ -152,17 +152,29 @@ def main() -> None:
         return comfy_nodes.KSampler().sample(model_patcher, 7, 3, 5.0, "uni_pc", "simple", positive, negative,
                                              latent, denoise=1.0)[0]["samples"]
 
+    memory_shapes = []
+    memory_required = lora_model.model.memory_required
+
+    def recording_memory_required(input_shape, *args, **kwargs):
+        memory_shapes.append(list(input_shape))
+        return memory_required(input_shape, *args, **kwargs)
+
+    lora_model.model.memory_required = recording_memory_required
     runs = {}
     for image_seed in (3, 4):
         patched, latent, _ = wan_nodes.WanSubjectReference().apply(
             other, vae, subject_image(image_seed), WIDTH, HEIGHT, LENGTH, 2, "video")
         runs[image_seed] = sample(patched, latent)
+    patched_memory_shapes = memory_shapes[:]
     plain = sample(lora_model, latent)
+    del lora_model.model.memory_required
     results["ksampler"] = {
         "shape": list(runs[3].shape), "finite": bool(torch.isfinite(runs[3]).all()),
         "other_wrapper_frames": sorted(set(calls)), "other_wrapper_calls": len(calls),
         "reference_changes_video": (runs[3] - runs[4]).abs().max().item(),
         "patch_changes_video": (runs[3] - plain).abs().max().item(),
+        "memory_frames_patched": sorted({shape[2] for shape in patched_memory_shapes}),
+        "memory_frames_plain": sorted({shape[2] for shape in memory_shapes[len(patched_memory_shapes):]}),
     }
     twice, _, _ = wan_nodes.WanSubjectReference().apply(patched, vae, subject_image(3), WIDTH, HEIGHT, LENGTH, 2, "video")
     results["reapplied_wrappers"] = len(twice.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,

@@ -139,6 +139,9 @@ def test_ksampler_samples_the_patched_model_with_lora_other_wrappers_and_cfg(hos
     assert result["other_wrapper_frames"] == [3] and result["other_wrapper_calls"] == 2 * 3
     # deterministic CPU runs: any difference is the reference's effect (small with a random tiny model)
     assert result["reference_changes_video"] > 1e-5 and result["patch_changes_video"] > 1e-3
+    # ComfyUI loads the model with memory for the reference frame too (4 latent frames; its per-call check of
+    # whether cond and uncond fit in one batch still sees the 3 of the latent), and only on the patched model
+    assert 4 in result["memory_frames_patched"] and result["memory_frames_plain"] == [3]
     assert host_results["reapplied_wrappers"] == 1
     assert "subject reference was made for 64x32" in host_results["wrong_size_error"]
 
