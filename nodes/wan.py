@@ -18,7 +18,6 @@ from .wan_patch import (
     WAN22_SIZE_STEP,
     ReferenceTokensWrapper,
     diffusers_wan_lora_to_native,
-    size_memory_for_reference_frame,
     insert_token_for_marker,
     wan22_latent_shape,
     wan22_video_size_problem,
@@ -90,17 +89,20 @@ class WanSubjectReference:
                    "sampling call runs on [reference frame ; video] and returns the video frames.")
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width, height, length, batch_size):
-        problem = wan22_video_size_problem(width, height, length)
-        if problem is None and not 1 <= batch_size <= 64:
+    def VALIDATE_INPUTS(cls, width=None, height=None, length=None, batch_size=None):
+        # ComfyUI passes only widget values: an input fed by a link arrives as None and is checked when the node runs.
+        problem = None
+        if None not in (width, height, length):
+            problem = wan22_video_size_problem(width, height, length)
+        if problem is None and batch_size is not None and not 1 <= batch_size <= 64:
             problem = f"batch_size must be 1..64 (got {batch_size})"
         return problem or True
 
     def apply(self, model, vae, image, width, height, length, batch_size, reference_timestep, mask=None):
         import torch
 
-        problem = wan22_video_size_problem(width, height, length)
-        if problem:
+        problem = self.VALIDATE_INPUTS(width, height, length, batch_size)
+        if problem is not True:
             raise sdvgen_core.SDVGenError(problem)
         if reference_timestep not in REFERENCE_TIMESTEPS:
             raise sdvgen_core.SDVGenError(f"reference_timestep must be one of {REFERENCE_TIMESTEPS}, got {reference_timestep!r}")
@@ -128,9 +130,9 @@ class WanSubjectReference:
         wrappers = _host("comfy.patcher_extension").WrappersMP
         for kind in (wrappers.DIFFUSION_MODEL, wrappers.PREPARE_SAMPLING):  # a second reference replaces ours only
             patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
-        patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY,
-                                     ReferenceTokensWrapper(reference, reference_timestep == "clean"))
-        patched.add_wrapper_with_key(wrappers.PREPARE_SAMPLING, WRAPPER_KEY, size_memory_for_reference_frame)
+        wrapper = ReferenceTokensWrapper(reference, reference_timestep == "clean")
+        patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY, wrapper)
+        patched.add_wrapper_with_key(wrappers.PREPARE_SAMPLING, WRAPPER_KEY, wrapper.prepare_sampling)
         latent = torch.zeros(wan22_latent_shape(batch_size, width, height, length), device=management.intermediate_device())
         return (patched, {"samples": latent}, pixels)
 
@@ -220,8 +222,8 @@ class WanLoraLoader:
                    "names, then patches the model exactly as the core loader does.")
 
     @classmethod
-    def VALIDATE_INPUTS(cls, strength_model):
-        if not -4.0 <= strength_model <= 4.0:  # also false for NaN
+    def VALIDATE_INPUTS(cls, strength_model=None):
+        if strength_model is not None and not -4.0 <= strength_model <= 4.0:  # also false for NaN
             return f"strength_model must be a number in [-4, 4] (got {strength_model})"
         return True
 

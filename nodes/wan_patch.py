@@ -65,30 +65,34 @@ class ReferenceTokensWrapper:
         reference = torch.zeros_like(video[:, :1]) if self.clean else video.amax(dim=1, keepdim=True)
         return torch.cat([reference, video], dim=1)
 
+    def check_latent_size(self, shape) -> None:
+        """SDVGenError unless a latent of `shape` `[..., h, w]` has the reference's size."""
+        if tuple(shape[-2:]) != tuple(self.reference.shape[-2:]):
+            h, w = self.reference.shape[-2:]
+            raise sdvgen_core.SDVGenError(
+                f"the latent being sampled is {shape[-1] * WAN22_SPATIAL_FACTOR}x{shape[-2] * WAN22_SPATIAL_FACTOR} "
+                f"but the subject reference was made for {w * WAN22_SPATIAL_FACTOR}x{h * WAN22_SPATIAL_FACTOR}; "
+                f"sample the latent that SDV-Gen Wan Subject Reference outputs (or set its width/height to match)"
+            )
+
+    def prepare_sampling(self, executor, model, noise_shape, conds, model_options=None, **kwargs):
+        """Sampling-preparation wrapper (`WrappersMP.PREPARE_SAMPLING`), before any step: checks the latent's
+        size, and has ComfyUI estimate the model's memory for the latent plus the reference frame."""
+        self.check_latent_size(noise_shape)
+        if len(noise_shape) == 5:
+            noise_shape = [*noise_shape[:2], noise_shape[2] + 1, *noise_shape[3:]]
+        return executor(model, noise_shape, conds, model_options=model_options, **kwargs)
+
     def __call__(self, executor, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options={},
                  **kwargs):
         import torch
 
-        if x.shape[-2:] != self.reference.shape[-2:]:
-            h, w = self.reference.shape[-2:]
-            raise sdvgen_core.SDVGenError(
-                f"the latent being sampled is {x.shape[-1] * WAN22_SPATIAL_FACTOR}x{x.shape[-2] * WAN22_SPATIAL_FACTOR} "
-                f"but the subject reference was made for {w * WAN22_SPATIAL_FACTOR}x{h * WAN22_SPATIAL_FACTOR}; "
-                f"sample the latent that SDV-Gen Wan Subject Reference outputs (or set its width/height to match)"
-            )
+        self.check_latent_size(x.shape)
         reference = self.reference.to(device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1, -1, -1)
         timesteps = self.reference_timesteps(timestep, x.shape[2])
         output = executor(torch.cat([reference, x], dim=2), timesteps, context, clip_fea, time_dim_concat,
                           transformer_options, **kwargs)
         return output[:, :, 1:]
-
-
-def size_memory_for_reference_frame(executor, model, noise_shape, conds, model_options=None, **kwargs):
-    """Sampling-preparation wrapper (`WrappersMP.PREPARE_SAMPLING`): ComfyUI estimates the memory a model call
-    needs from the latent's shape; the model runs on one latent frame more (the reference), so estimate that."""
-    if len(noise_shape) == 5:
-        noise_shape = [*noise_shape[:2], noise_shape[2] + 1, *noise_shape[3:]]
-    return executor(model, noise_shape, conds, model_options=model_options, **kwargs)
 
 
 def insert_token_for_marker(token_batches: list[list[tuple]], marker: list[int], token_id: int, pad_token: int,

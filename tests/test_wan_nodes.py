@@ -82,10 +82,21 @@ def test_wrapper_runs_the_model_on_reference_then_video_and_returns_the_video(cl
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
-def test_wrapper_refuses_a_latent_of_another_size():
+def test_wrapper_refuses_a_latent_of_another_size_before_sampling():
     wrapper = ReferenceTokensWrapper(torch.zeros(1, 48, 1, 2, 4), clean=False)
-    with pytest.raises(SDVGenError, match="latent being sampled is 64x64 but the subject reference was made for 64x32"):
+    message = "latent being sampled is 64x64 but the subject reference was made for 64x32"
+    with pytest.raises(SDVGenError, match=message):
         wrapper(per_frame_model, torch.zeros(1, 48, 3, 4, 4), torch.ones(1), torch.zeros(1, 2, 8), None, None, {})
+    with pytest.raises(SDVGenError, match=message):
+        wrapper.prepare_sampling(None, "model", (1, 48, 3, 4, 4), {})
+
+
+def test_sampling_is_prepared_for_the_reference_frame():
+    wrapper = ReferenceTokensWrapper(torch.zeros(1, 48, 1, 2, 4), clean=False)
+    calls = []
+    result = wrapper.prepare_sampling(lambda *args, **kwargs: calls.append((args, kwargs)) or "prepared", "model",
+                                      (2, 48, 3, 2, 4), {"positive": []}, model_options={"x": 1})
+    assert result == "prepared" and calls == [(("model", [2, 48, 4, 2, 4], {"positive": []}), {"model_options": {"x": 1}})]
 
 
 def test_cls_marker_pieces_become_one_token_and_the_list_is_padded_back():
@@ -143,3 +154,9 @@ def test_every_diffusers_wan_weight_has_one_native_name():
     assert names["blocks.1.scale_shift_table"] == "blocks.1.modulation"
     assert names["scale_shift_table"] == "head.modulation"
     assert names["condition_embedder.time_proj.bias"] == "time_projection.1.bias"
+
+
+def test_validation_leaves_linked_inputs_to_the_run():
+    assert WanSubjectReference.VALIDATE_INPUTS(width=None, height=704, length=121, batch_size=1) is True
+    with pytest.raises(SDVGenError, match="length must be 4k \\+ 1"):
+        WanSubjectReference().apply(None, None, torch.zeros(1, 8, 8, 3), 64, 64, 8, 1, "video")
