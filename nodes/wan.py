@@ -9,7 +9,7 @@ when a node runs, never at import.
 from __future__ import annotations
 
 from .core import sdvgen_core
-from .host import comfy_module
+from .host import LORA_FOLDER, comfy_module, lora_files, where
 from .types import CATEGORY, MAX_SIZE
 from .wan_patch import (
     REFERENCE_TIMESTEPS,
@@ -202,12 +202,10 @@ class WanLoraLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        folder_paths = comfy_module("folder_paths")
-        loras = folder_paths.get_filename_list("loras") if folder_paths is not None else []
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "Wan 2.2 TI2V-5B from UNETLoader."}),
-                "lora_name": (loras, {"tooltip": "SDV-Gen Wan LoRA from models/loras (the diffusers key layout our "
+                "lora_name": (sorted(lora_files()), {"tooltip": "SDV-Gen Wan LoRA from models/loras (the diffusers key layout our "
                                                  "trainer writes; ComfyUI 0.3.64's LoraLoaderModelOnly cannot map it)."}),
                 "strength_model": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.01,
                                              "tooltip": "LoRA strength (1.0 as trained)."}),
@@ -215,6 +213,7 @@ class WanLoraLoader:
         }
 
     RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The model with the LoRA patched in (ComfyUI applies it when the model is loaded).",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
@@ -228,12 +227,12 @@ class WanLoraLoader:
         return True
 
     def load(self, model, lora_name, strength_model):
-        folder_paths, utils, sd, lora_keys = (_host(name) for name in ("folder_paths", "comfy.utils", "comfy.sd", "comfy.lora"))
-        path = folder_paths.get_full_path("loras", lora_name)
-        if path is None or not path.endswith(".safetensors"):
-            raise sdvgen_core.LoraLoadError(f"lora_name: {lora_name!r} is not a .safetensors file in models/loras")
+        utils, sd, lora_keys = (_host(name) for name in ("comfy.utils", "comfy.sd", "comfy.lora"))
+        path = lora_files().get(lora_name)
+        if path is None:
+            raise sdvgen_core.LoraLoadError(f"lora_name: no file {lora_name!r} in {where(LORA_FOLDER)} (.safetensors only)")
         _require_wan22(model)
-        lora = diffusers_wan_lora_to_native(utils.load_torch_file(path, safe_load=True))
+        lora = diffusers_wan_lora_to_native(utils.load_torch_file(str(path), safe_load=True))
         known = lora_keys.model_lora_keys_unet(model.model, {})
         unknown = sorted({key.rsplit(".lora_", 1)[0] for key in lora} - set(known))
         if unknown:  # the core loader would only log and skip these

@@ -36,7 +36,7 @@ from comfyui_wan_standins import PoolingVAE, tiny_umt5_clip, write_tiny_wan22  #
 
 PACK = "sdvgen_pack_under_test"
 (WORKDIR / PACK).symlink_to(REPO, target_is_directory=True)
-wan_nodes = importlib.import_module(f"{PACK}.nodes.wan")
+wan_nodes, wan_patch = (importlib.import_module(f"{PACK}.nodes.{name}") for name in ("wan", "wan_patch"))
 
 UNET_NAME, LORA_NAME = "tiny_wan22_ti2v.safetensors", LORA_FILE.name
 WIDTH, HEIGHT, LENGTH = 64, 32, 9  # latent 4 x 2 x 3 frames
@@ -73,14 +73,14 @@ def main() -> None:
 
     # --- weights renamed from a stock diffusers model: ComfyUI's model predicts what diffusers predicted --------
     from safetensors.torch import load_file
-    reference = load_file(str(WORKDIR / "diffusers_reference.safetensors"))
+    stock = load_file(str(WORKDIR / "diffusers_reference.safetensors"))  # inputs and the diffusers prediction
     renamed = load_file(str(WORKDIR / "models/diffusion_models/tiny_wan22_from_diffusers.safetensors"))
     (from_diffusers,) = comfy_nodes.UNETLoader().load_unet("tiny_wan22_from_diffusers.safetensors", "default")
     native_keys = set(from_diffusers.model.diffusion_model.state_dict())
-    velocity = patched_native_prediction(from_diffusers, reference["latents"], reference["timestep"], reference["context"])
+    velocity = patched_native_prediction(from_diffusers, stock["latents"], stock["timestep"], stock["context"])
     results["diffusers_vs_native"] = {
         "missing": sorted(native_keys - set(renamed)), "unexpected": sorted(set(renamed) - native_keys),
-        "max_error": (velocity - reference["velocity"]).abs().max().item(), "scale": reference["velocity"].abs().max().item(),
+        "max_error": (velocity - stock["velocity"]).abs().max().item(), "scale": stock["velocity"].abs().max().item(),
     }
     del from_diffusers
     comfy.model_management.unload_all_models()
@@ -90,23 +90,19 @@ def main() -> None:
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     results["lora_modules"] = len({k.rsplit(".lora_", 1)[0] for k in raw})
     results["core_mapped_modules"] = len(comfy.lora.load_lora(comfy.lora_convert.convert_lora(raw), key_map, log_missing=False))
-    native = wan_nodes.diffusers_wan_lora_to_native(raw)
+    native = wan_patch.diffusers_wan_lora_to_native(raw)
     results["converted_mapped_modules"] = len(comfy.lora.load_lora(native, key_map, log_missing=False))
     (lora_model,) = wan_nodes.WanLoraLoader().load(model, LORA_NAME, 0.75)
     comfy.model_management.load_models_gpu([lora_model])
     errors = []
-    for key in raw:
-        if not key.endswith(".lora_A.weight"):
-            continue
-        module = key[len("transformer."):-len(".lora_A.weight")]
+    for key in (key for key in raw if key.endswith(".lora_A.weight")):
         down, up = raw[key].float(), raw[key.replace("lora_A", "lora_B")].float()
-        native_key = wan_nodes.diffusers_wan_lora_to_native({key: down})
-        native_module = next(iter(native_key))[len("diffusion_model."):-len(".lora_A.weight")]
-        base_weight = state[f"{native_module}.weight"]
+        module = wan_patch.native_wan_module(key[len("transformer."):-len(".lora_A.weight")])
+        base_weight = state[f"{module}.weight"]
         expected = base_weight + 0.75 * (up.flatten(1) @ down.flatten(1)).reshape(base_weight.shape)
-        actual = lora_model.model.diffusion_model.get_submodule(native_module).weight.detach().float().cpu()
-        errors.append(((actual - expected).abs().max().item(), module))
-    results["lora_weight_max_error"] = max(errors)[0]
+        actual = lora_model.model.diffusion_model.get_submodule(module).weight.detach().float().cpu()
+        errors.append((actual - expected).abs().max().item())
+    results["lora_weight_max_error"] = max(errors)
     comfy.model_management.unload_all_models()
 
     # --- the patch: patched prediction == unpatched model on [reference ; video] with per-frame timesteps -------
