@@ -10,6 +10,7 @@ memory) are optional, see `host.py`. Nothing here imports torch until a node run
 from .conditioning import CLSPrompt, SubjectReferenceEncode
 from .loader import LoadSDVLoRA
 from .sampling import DualTaskSampler, SDVGenDecode
+from .wan import WanCLSTextEncode, WanLoraLoader, WanSubjectReference
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "SDVGenLoadLoRA": LoadSDVLoRA,
@@ -17,6 +18,9 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "SDVGenSubjectReferenceEncode": SubjectReferenceEncode,
     "SDVGenDualTaskSampler": DualTaskSampler,
     "SDVGenDecode": SDVGenDecode,
+    "SDVGenWanSubjectReference": WanSubjectReference,
+    "SDVGenWanCLSTextEncode": WanCLSTextEncode,
+    "SDVGenWanLoraLoader": WanLoraLoader,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "SDVGenLoadLoRA": "Load SDV LoRA",
@@ -24,4 +28,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "SDVGenSubjectReferenceEncode": "Subject Reference Encode",
     "SDVGenDualTaskSampler": "Dual-Task Sampler",
     "SDVGenDecode": "SDV-Gen Decode",
+    "SDVGenWanSubjectReference": "SDV-Gen Wan Subject Reference",
+    "SDVGenWanCLSTextEncode": "SDV-Gen Wan CLS Text Encode",
+    "SDVGenWanLoraLoader": "SDV-Gen Wan LoRA Loader",
 }

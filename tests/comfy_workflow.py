@@ -161,4 +161,44 @@ CORE_NODES = {
         },
         [],
     ),
+    # Wan 2.2 (sdvgen_wan22_subject_to_video.json)
+    "UNETLoader": _core(
+        {"unet_name": [[], {}], "weight_dtype": [["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"], {}]}, ["MODEL"]
+    ),
+    "CLIPLoader": _core(
+        {
+            "clip_name": [[], {}],
+            "type": [["stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos",
+                      "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image"], {}],
+        },
+        ["CLIP"],
+        {"device": [["default", "cpu"], {}]},
+    ),
+    "VAELoader": _core({"vae_name": [[], {}]}, ["VAE"]),
+    "CLIPTextEncode": _core({"text": ["STRING", {"multiline": True}], "clip": ["CLIP", {}]}, ["CONDITIONING"]),
+    "KSampler": _core(
+        {
+            "model": ["MODEL", {}],
+            "seed": ["INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}],
+            "steps": ["INT", {"default": 20, "min": 1, "max": 10000}],
+            "cfg": ["FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1}],
+            "sampler_name": [[
+                "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2",
+                "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
+                "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
+                "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm",
+                "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+                "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde",
+                "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
+            ], {}],
+            "scheduler": [["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                           "linear_quadratic", "kl_optimal"], {}],
+            "positive": ["CONDITIONING", {}],
+            "negative": ["CONDITIONING", {}],
+            "latent_image": ["LATENT", {}],
+            "denoise": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}],
+        },
+        ["LATENT"],
+    ),
+    "VAEDecode": _core({"samples": ["LATENT", {}], "vae": ["VAE", {}]}, ["IMAGE"]),
 }

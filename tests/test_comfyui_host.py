@@ -162,6 +162,43 @@ def place(path: Path, created: list[Path]) -> Path:
     return path
 
 
+def start_comfyui(root: Path, python: str, work: Path, extensions: list[str]) -> tuple[subprocess.Popen, ComfyUI]:
+    """ComfyUI on a free local port with --cpu and only `extensions` (folders in custom_nodes/), listening."""
+    port = free_port()
+    log = work / "comfyui.log"
+    process = subprocess.Popen(
+        [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--preview-method", "auto",
+         "--disable-all-custom-nodes", "--whitelist-custom-nodes", *extensions, "--disable-auto-launch",
+         "--input-directory", str(work / "input"), "--output-directory", str(work / "output"),
+         "--temp-directory", str(work / "temp"), "--user-directory", str(work / "user")],
+        cwd=root, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )
+    server = ComfyUI(port, process, log, work / "output")
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"ComfyUI exited at start:\n{server.log_tail()}")
+        try:
+            server.get("/system_stats")
+            break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if time.monotonic() > deadline:
+                process.terminate()
+                raise AssertionError(f"ComfyUI did not start:\n{server.log_tail()}") from None
+            time.sleep(1)
+    server.listen()
+    return process, server
+
+
+def stop_comfyui(process: subprocess.Popen | None) -> None:
+    if process is not None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 @pytest.fixture(scope="module")
 def comfyui(tmp_path_factory):
     root = Path(COMFYUI_ROOT).resolve()
@@ -182,34 +219,10 @@ def comfyui(tmp_path_factory):
         (work / "user").mkdir()
         draw_subject(size=(120, 90), mode="RGBA").save(work / "input" / "subject.png")
 
-        port = free_port()
-        log = work / "comfyui.log"
-        process = subprocess.Popen(
-            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--preview-method", "auto",
-             "--disable-all-custom-nodes", "--whitelist-custom-nodes", extension, "--disable-auto-launch",
-             "--input-directory", str(work / "input"), "--output-directory", str(work / "output"),
-             "--temp-directory", str(work / "temp"), "--user-directory", str(work / "user")],
-            cwd=root, stdout=log.open("w"), stderr=subprocess.STDOUT,
-        )
-        server = ComfyUI(port, process, log, work / "output")
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            assert process.poll() is None, f"ComfyUI exited at start:\n{server.log_tail()}"
-            try:
-                server.get("/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                assert time.monotonic() < deadline, f"ComfyUI did not start:\n{server.log_tail()}"
-                time.sleep(1)
-        server.listen()
+        process, server = start_comfyui(root, python, work, [extension])
         yield server
     finally:
-        if process is not None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_comfyui(process)
         for path in reversed(created):
             if path.is_symlink() or path.is_file():
                 path.unlink()

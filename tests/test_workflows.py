@@ -23,7 +23,10 @@ import nodes
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 # Dropdowns over the user's files: any file name is valid in a shared workflow.
-FILE_COMBOS = ("model", "lora", "image")
+FILE_COMBOS = ("model", "lora", "image", "unet_name", "clip_name", "vae_name", "lora_name")
+# Where each core Wan loader's file goes (the note must say it).
+WAN_FILE_FOLDERS = {"UNETLoader": ("unet_name", "models/diffusion_models"), "CLIPLoader": ("clip_name", "models/text_encoders"),
+                    "VAELoader": ("vae_name", "models/vae"), "SDVGenWanLoraLoader": ("lora_name", "models/loras")}
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +36,10 @@ def object_info(tmp_path_factory):
     return {**CORE_NODES, **ours}
 
 
-def test_the_three_workflows_ship():
+def test_the_workflows_ship():
     assert [path.name for path in WORKFLOWS] == [
         "sdvgen_identity_strength_comparison.json", "sdvgen_released_checkpoint.json", "sdvgen_subject_to_video.json",
+        "sdvgen_wan22_subject_to_video.json",
     ]
 
 
@@ -87,15 +91,25 @@ def test_workflow_is_ready_to_share(path, object_info):
     by_type = {}
     for node in workflow["nodes"]:
         by_type.setdefault(node["type"], []).append(node)
-    for sampler in by_type["SDVGenDualTaskSampler"]:
+    for sampler in by_type.get("SDVGenDualTaskSampler", []):
         values = widget_values_by_name(sampler, object_info["SDVGenDualTaskSampler"])
         assert (values["frames"], values["steps"], values["cfg"]) == (49, 50, 6.0)
-    for encode in by_type["SDVGenSubjectReferenceEncode"]:
+    for encode in by_type.get("SDVGenSubjectReferenceEncode", []):
         values = widget_values_by_name(encode, object_info["SDVGenSubjectReferenceEncode"])
         assert (values["width"], values["height"]) == (720, 480)
     assert by_type.keys() & {"SaveVideo", "SaveAnimatedWEBP"}
     notes = " ".join(node["widgets_values"][0] for kind in VIRTUAL_NODES for node in by_type.get(kind, []))
-    for loader in by_type["SDVGenLoadLoRA"]:
+    for loader in by_type.get("SDVGenLoadLoRA", []):
         values = widget_values_by_name(loader, object_info["SDVGenLoadLoRA"])
         assert values["lora"] in notes and "models/loras" in notes
         assert f"models/CogVideo/{values['model']}" in notes
+    # Wan 2.2 TI2V-5B: its pipeline's defaults (50 steps, CFG 5, 1280x704, 121 frames), files named in the note
+    for sampler in by_type.get("KSampler", []):
+        values = widget_values_by_name(sampler, object_info["KSampler"])
+        assert (values["steps"], values["cfg"], values["denoise"]) == (50, 5.0, 1.0)
+    for reference in by_type.get("SDVGenWanSubjectReference", []):
+        values = widget_values_by_name(reference, object_info["SDVGenWanSubjectReference"])
+        assert (values["width"], values["height"], values["length"], values["reference_timestep"]) == (1280, 704, 121, "video")
+    for node_type, (widget, folder) in WAN_FILE_FOLDERS.items():
+        for loader in by_type.get(node_type, []):
+            assert widget_values_by_name(loader, object_info[node_type])[widget] in notes and folder in notes, node_type
