@@ -141,12 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
     _add_tiny_model(subparsers)
+    from .evaluation.cli import add_evaluate_parser, run_evaluate
+
+    add_evaluate_parser(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from .errors import SDVGenError
 
     try:
+        if args.command == "evaluate":
+            return run_evaluate(args)
         return _generate(args) if args.command == "generate" else _tiny_model(args)
     except SDVGenError as error:
         print(f"error: {error}", file=sys.stderr)

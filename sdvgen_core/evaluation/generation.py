@@ -1,0 +1,230 @@
+"""Generating every video of an eval set, resumably.
+
+Each video is written atomically to `videos/<id>.mp4`; only then is the sidecar `videos/<id>.json`
+written, holding the settings, the seed and the mp4's size and SHA-256. A video counts as finished only
+when its sidecar matches the mp4 on disk, so an interrupted or truncated video is made again, and a
+folder made with other settings is refused instead of being mixed into the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..errors import SDVGenError
+from ..files import atomic_output
+from ..reference import prepare_reference_image
+from ..video import write_mp4
+from .evalset import EvalSet, EvalVideo
+from .media import read_image
+
+logger = logging.getLogger(__name__)
+
+# (video, reference image, subject mask or None, seed) -> frames `[T, 3, H, W]` in 0..1
+VideoGenerator = Callable[[EvalVideo, Image.Image, "Image.Image | None", int], torch.Tensor]
+
+# Options of `sdvgen generate` that change nothing in the pixels; left out of the settings record.
+_NOT_SETTINGS = {"device", "memory_mode", "verbose", "command", "seed", "fps"}
+
+
+def resolve_device_and_precision(args: argparse.Namespace) -> tuple[torch.device, str]:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return device, precision
+
+
+def generation_settings(args: argparse.Namespace, option_names: list[str]) -> dict:
+    """Everything among the `sdvgen generate` options that decides the pixels, with the defaults resolved."""
+    from ..presets import TINY_GENERATION_DEFAULTS
+
+    defaults = TINY_GENERATION_DEFAULTS if args.preset == "tiny" else {
+        "height": 480, "width": 720, "num_frames": 49, "num_inference_steps": 50}
+    _, precision = resolve_device_and_precision(args)
+    settings = {name: getattr(args, name) for name in option_names if name not in _NOT_SETTINGS}
+    settings.update(
+        precision=precision, height=args.height or defaults["height"], width=args.width or defaults["width"],
+        frames=args.frames or defaults["num_frames"], steps=args.steps or defaults["num_inference_steps"],
+    )
+    for name in ("model", "lora"):
+        if settings.get(name):
+            settings[name] = str(Path(settings[name]).resolve())
+    return settings
+
+
+def build_pipeline(args: argparse.Namespace):
+    """The one place the evaluation builds a pipeline from `sdvgen generate`-style options."""
+    from ..cli import TINY_LABEL, _tiny_model_dir
+    from ..pipeline import SDVGenPipeline
+
+    device, precision = resolve_device_and_precision(args)
+    if args.preset == "tiny":
+        logger.warning(TINY_LABEL)
+    model_dir = _tiny_model_dir() if args.preset == "tiny" else Path(args.model)
+    pipe = SDVGenPipeline.from_model_dir(
+        model_dir, dtype=precision, lora_path=args.lora, lora_strength=args.lora_strength,
+        fuse_lora=args.fuse_lora, scheduler=args.scheduler,
+    )
+    pipe.set_memory_mode(args.memory_mode, device)
+    return pipe
+
+
+def pipeline_generator(args: argparse.Namespace, settings: dict) -> VideoGenerator:
+    """A VideoGenerator running the SDV-Gen pipeline with the run's settings (loaded on the first call)."""
+    state: dict = {}
+
+    def generate(video: EvalVideo, reference: Image.Image, mask: Image.Image | None, seed: int) -> torch.Tensor:
+        if "pipe" not in state:
+            state["pipe"] = build_pipeline(args)
+        pipe = state["pipe"]
+        latents = pipe(
+            video.generation_prompt, reference_image=reference, negative_prompt=args.negative_prompt,
+            guidance_scale=args.cfg, use_dynamic_cfg=args.dynamic_cfg,
+            reference_guidance_scale=args.reference_guidance, fit=args.fit, subject_mask=mask,
+            generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
+            height=settings["height"], width=settings["width"], num_frames=settings["frames"],
+            num_inference_steps=settings["steps"],
+        ).latents
+        return pipe.decode(latents, tiled=args.tiled_decode)[0]
+
+    return generate
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def video_record(video: EvalVideo, seed: int, settings: dict) -> dict:
+    """What a finished video's sidecar must say (besides the mp4's size and hash)."""
+    return {"video_id": video.video_id, "generation_prompt": video.generation_prompt, "seed": seed,
+            "settings": settings}
+
+
+def video_paths(out_dir: Path, video_id: str) -> tuple[Path, Path]:
+    return out_dir / "videos" / f"{video_id}.mp4", out_dir / "videos" / f"{video_id}.json"
+
+
+def read_sidecar(out_dir: Path, video_id: str) -> dict | None:
+    """The sidecar of a finished video, or None when the video is missing, unfinished or truncated."""
+    mp4, sidecar = video_paths(out_dir, video_id)
+    if not sidecar.is_file() or not mp4.is_file():
+        return None
+    try:
+        record = json.loads(sidecar.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    mp4_info = record.get("mp4", {})
+    if mp4.stat().st_size != mp4_info.get("bytes") or _sha256(mp4) != mp4_info.get("sha256"):
+        return None
+    return record
+
+
+@dataclass
+class GenerationResult:
+    generated: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # video id -> message naming the input at fault
+    seconds: float = 0.0
+
+
+def _comparable(record: dict) -> dict:
+    return {**record.get("settings", {}), "seed": record.get("seed"), "generation_prompt": record.get("generation_prompt")}
+
+
+def _settings_difference(old: dict, new: dict) -> list[str]:
+    return sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
+
+
+def reference_path(out_dir: Path, subject_name: str) -> Path:
+    return out_dir / "references" / f"{subject_name}.png"
+
+
+def _prepare_references(eval_set: EvalSet, out_dir: Path, settings: dict, result: GenerationResult) -> dict:
+    """Read each subject's reference (and mask) once; write what the model sees to references/<subject>.png."""
+    prepared: dict[str, tuple[Image.Image, Image.Image | None]] = {}
+    errors: dict[str, str] = {}
+    for video in eval_set.videos:
+        name = video.subject_name
+        if name in prepared or name in errors:
+            continue
+        try:
+            image = read_image(video.reference, f"reference of subject {name!r}")
+            mask = read_image(video.mask, f"mask of subject {name!r}", mode="L") if video.mask else None
+            fitted = prepare_reference_image(image, settings["height"], settings["width"], settings["fit"], mask)
+        except SDVGenError as error:
+            errors[name] = str(error)
+            logger.error("%s; its videos are left out", error)
+            continue
+        target = reference_path(out_dir, name)
+        with atomic_output(target) as tmp_name:
+            pixels = (fitted[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            Image.fromarray(pixels).save(tmp_name, format="PNG")
+        prepared[name] = (image, mask)
+    for video in eval_set.videos:
+        if video.subject_name in errors:
+            result.failed[video.video_id] = errors[video.subject_name]
+    return prepared
+
+
+def generate_videos(
+    eval_set: EvalSet,
+    out_dir: str | Path,
+    generate: VideoGenerator,
+    settings: dict,
+    base_seed: int,
+    fps: int = 8,
+) -> GenerationResult:
+    """Make every video of the set that is not finished yet; a bad reference fails only its own videos."""
+    out_dir = Path(out_dir)
+    result = GenerationResult()
+    pending = []
+    for video in eval_set.videos:
+        seed = base_seed if video.seed is None else video.seed
+        record = read_sidecar(out_dir, video.video_id)
+        if record is None:
+            pending.append((video, seed))
+            continue
+        differences = _settings_difference(_comparable(record), _comparable(video_record(video, seed, settings)))
+        if differences:
+            raise SDVGenError(
+                f"{out_dir} already holds {video.video_id} made with other settings (differing: "
+                f"{', '.join(differences)}); use another --out folder for these settings"
+            )
+        result.skipped.append(video.video_id)
+    (out_dir / "videos").mkdir(parents=True, exist_ok=True)
+    references = _prepare_references(eval_set, out_dir, settings, result)
+    pending = [(video, seed) for video, seed in pending if video.video_id not in result.failed]
+    if result.skipped:
+        logger.info("%d of %d videos already finished in %s", len(result.skipped), len(eval_set.videos), out_dir)
+    started = time.perf_counter()
+    progress = tqdm(pending, desc="generating", unit="video", total=len(pending))
+    for video, seed in progress:
+        progress.set_postfix_str(video.video_id)
+        image, mask = references[video.subject_name]
+        video_started = time.perf_counter()
+        frames = generate(video, image, mask, seed)
+        mp4, sidecar = video_paths(out_dir, video.video_id)
+        write_mp4(frames, mp4, fps=fps)
+        record = video_record(video, seed, settings)
+        record.update(prompt=video.prompt, frames=int(frames.shape[0]), fps=fps,
+                      seconds=round(time.perf_counter() - video_started, 2),
+                      mp4={"bytes": mp4.stat().st_size, "sha256": _sha256(mp4)})
+        with atomic_output(sidecar) as tmp_name:
+            Path(tmp_name).write_text(json.dumps(record, indent=2))
+        result.generated.append(video.video_id)
+    progress.close()
+    result.seconds = time.perf_counter() - started
+    return result
