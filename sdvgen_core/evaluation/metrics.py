@@ -111,12 +111,16 @@ class DinoScorer:
         self.device = torch.device(device)
 
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
-        """`[N, H, W, 3]` uint8 -> `[N, 3, size, size]`: short side resized to `size` (bicubic), centre crop, normalised."""
-        import kornia.geometry.transform as KT
-
+        """`[N, H, W, 3]` uint8 -> `[N, 3, size, size]`: short side to `size` (antialiased bicubic, as torchvision's
+        Resize), centre crop, ImageNet-normalised."""
         pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-        pixels = KT.resize(pixels, self.size, side="short", interpolation="bicubic", antialias=True)
-        pixels = KT.center_crop(pixels, (self.size, self.size)).clamp(0, 1)
+        height, width = pixels.shape[-2:]
+        scale = self.size / min(height, width)
+        new_size = (max(self.size, round(height * scale)), max(self.size, round(width * scale)))
+        if new_size != (height, width):
+            pixels = F.interpolate(pixels, size=new_size, mode="bicubic", antialias=True, align_corners=False)
+        top, left = (new_size[0] - self.size) // 2, (new_size[1] - self.size) // 2
+        pixels = pixels[..., top:top + self.size, left:left + self.size].clamp(0, 1)
         return (pixels - self.mean) / self.std
 
     @torch.no_grad()
