@@ -74,7 +74,7 @@ def score_run(eval_set: EvalSet, out_dir: Path, scorers: Scorers, failed: dict[s
             continue
         try:
             frames, fps = read_video(video_paths(out_dir, video.video_id)[0])
-            reference = np.asarray(read_image(reference_path(out_dir, video.subject_name), "prepared reference", "RGB"))
+            reference = np.array(read_image(reference_path(out_dir, video.subject_name), "prepared reference", "RGB"))
             scores = score_video(frames, fps, reference, video.prompt, scorers)
         except SDVGenError as error:
             rows.append({**row, "seed": record["seed"], "status": f"failed: {error}"})
@@ -183,7 +183,7 @@ def _video_thumbs(out_dir: Path, row: dict) -> list[np.ndarray | None]:
 
 def _reference_thumb(out_dir: Path, subject: str) -> np.ndarray | None:
     path = reference_path(out_dir, subject)
-    return np.asarray(read_image(path, "prepared reference", "RGB")) if path.is_file() else None
+    return np.array(read_image(path, "prepared reference", "RGB")) if path.is_file() else None
 
 
 def write_contact_sheet(out_dir: Path, rows: list[dict], aspect: float) -> Path:
