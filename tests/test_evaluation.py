@@ -362,6 +362,12 @@ def test_evaluate_cli_end_to_end_with_compare(tmp_path, monkeypatch, capsys):
     assert report["summary"]["clip_t"] == pytest.approx(np.mean([float(r["clip_t"]) for r in rows[:2]]))
     assert report["summary"]["dynamic_degree"] is None and "--raft" in report["skipped"]["dynamic_degree"]
     assert Image.open(tmp_path / "a" / "contact_sheet.png").size[1] > 4 * 120
+    # scoring again without generating (no model): same CLIP-T, DINO-I now skipped
+    assert main(["evaluate", "--out", str(tmp_path / "a"), "--set", str(set_file), "--metrics-only",
+                 "--clip", str(encoders / "clip")]) == 2
+    rescored = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert rescored["summary"]["clip_t"] == pytest.approx(report["summary"]["clip_t"], abs=1e-6)
+    assert rescored["summary"]["dino_i"] is None and rescored["settings"] == report["settings"]
 
     make_demo_set(tmp_path / "fixed", with_encoders=False)  # a readable blue_box again, same names
     fixed = ["--set", str(tmp_path / "fixed" / "eval_set.yaml"), "--clip", str(encoders / "clip"),

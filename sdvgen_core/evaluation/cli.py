@@ -123,7 +123,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from .evalset import load_eval_set, make_demo_set
     from .generation import (GenerationResult, generate_videos, generation_settings, pipeline_generator,
-                             resolve_device_and_precision)
+                             read_sidecar, resolve_device_and_precision)
     from .report import compare_runs, score_run, summarize, write_contact_sheet, write_reports
 
     _check_args(args)
@@ -142,11 +142,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     device, _ = resolve_device_and_precision(args)
     if args.metrics_only:
         generation = GenerationResult()
-        import json
-
-        metrics_file = out_dir / "metrics.json"
-        if metrics_file.is_file():
-            settings = json.loads(metrics_file.read_text()).get("settings", settings)
+        finished = [read_sidecar(out_dir, video.video_id) for video in eval_set.videos]
+        finished = [record for record in finished if record is not None]
+        if not finished:
+            raise SDVGenError(f"--metrics-only: {out_dir} holds no finished video of {eval_set.path}")
+        settings = finished[0]["settings"]  # the settings the videos were made with, for the reports
     else:
         generator = pipeline_generator(args, settings)
         generation = generate_videos(eval_set, out_dir, generator, settings, base_seed=args.seed, fps=args.fps)

@@ -49,7 +49,8 @@ class EvalSet:
         return len({video.subject_name for video in self.videos})
 
 
-def _strip_cls(prompt: str) -> str:
+def prompt_without_cls(prompt: str) -> str:
+    """The prompt as CLIP-T reads it: `<cls>` removed, spaces normalised."""
     return " ".join(prompt.replace(CLS_TOKEN, " ").split())
 
 
@@ -122,7 +123,7 @@ def load_eval_set(path: str | os.PathLike) -> EvalSet:
             raise EvalSetError(f"{where}: `mask` must be a path; got {mask!r}")
         subject = entry["subject"].strip()
         for number, raw_prompt in enumerate(prompts):
-            prompt = _strip_cls(raw_prompt)
+            prompt = prompt_without_cls(raw_prompt)
             generation_prompt = insert_cls(prompt, subject if cls_placement == "before_subject" else None)
             videos.append(EvalVideo(
                 video_id=f"{name}__p{number}", subject_name=name, reference=path.parent / entry["reference"],
