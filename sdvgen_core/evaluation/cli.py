@@ -106,11 +106,11 @@ def _load_scorers(args: argparse.Namespace, device):
 
 def _check_encoder_files(args: argparse.Namespace) -> None:
     """Fail on a wrong encoder path before any video is generated."""
-    from .metrics import _local_folder, EncoderLoadError
+    from .metrics import EncoderLoadError, check_encoder_folder
 
     for option, what in (("clip", "CLIP"), ("dino", "DINO")):
         if getattr(args, option):
-            _local_folder(getattr(args, option), what)
+            check_encoder_folder(getattr(args, option), what)
     for option, what in (("raft", "RAFT weights"), ("amt", "AMT-S weights")):
         path = getattr(args, option)
         if path and (not Path(path).is_file() or Path(path).suffix != ".safetensors"):

@@ -39,7 +39,8 @@ def central_frames(frames: np.ndarray, count: int = 16) -> np.ndarray:
     return frames[start:start + count]
 
 
-def _local_folder(folder: str | os.PathLike, what: str) -> Path:
+def check_encoder_folder(folder: str | os.PathLike, what: str) -> Path:
+    """An existing folder with safetensors weights, else EncoderLoadError naming it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EncoderLoadError(f"{what} folder {str(folder)!r} does not exist")
@@ -63,7 +64,7 @@ class ClipScorer:
     def __init__(self, folder: str | os.PathLike, device: torch.device | str = "cpu") -> None:
         from transformers import CLIPModel, CLIPProcessor
 
-        folder = _local_folder(folder, "CLIP")
+        folder = check_encoder_folder(folder, "CLIP")
         try:
             self.model = CLIPModel.from_pretrained(folder, use_safetensors=True, local_files_only=True).eval().to(device)
             self.processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
@@ -97,7 +98,7 @@ class DinoScorer:
     def __init__(self, folder: str | os.PathLike, device: torch.device | str = "cpu") -> None:
         from transformers import AutoImageProcessor, ViTModel
 
-        folder = _local_folder(folder, "DINO")
+        folder = check_encoder_folder(folder, "DINO")
         try:
             self.model = ViTModel.from_pretrained(
                 folder, add_pooling_layer=False, use_safetensors=True, local_files_only=True
@@ -210,10 +211,12 @@ def load_raft(path: str | os.PathLike, device: torch.device | str = "cpu") -> Fl
         raise EncoderLoadError(f"{path} is not a torchvision raft_large or raft_small state dict")
     model = model.eval().to(device)
 
+    def to_unit_range(image: torch.Tensor) -> torch.Tensor:
+        return image.to(device) / 255.0 * 2.0 - 1.0  # VBench's RAFT normalises 0..255 itself; torchvision's wants -1..1
+
     @torch.no_grad()
     def estimate(image1: torch.Tensor, image2: torch.Tensor) -> torch.Tensor:
-        scale = lambda image: (image.to(device) / 255.0) * 2.0 - 1.0  # noqa: E731 - torchvision wants -1..1
-        return model(scale(image1), scale(image2), num_flow_updates=20)[-1]
+        return model(to_unit_range(image1), to_unit_range(image2), num_flow_updates=20)[-1]
 
     return estimate
 

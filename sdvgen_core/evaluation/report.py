@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +18,6 @@ from .generation import read_sidecar, reference_path, video_paths
 from .media import read_image, read_video
 from .metrics import (ClipScorer, DinoScorer, FlowEstimator, FrameInterpolator, central_frames, dynamic_degree,
                       mean_or_none, motion_smoothness)
-
-logger = logging.getLogger(__name__)
 
 # The paper's column order; the table shows each as a percentage (x100).
 METRICS = [("clip_t", "CLIP-T"), ("clip_i", "CLIP-I"), ("dino_i", "DINO-I"),
@@ -236,7 +233,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, out_dir: str | Path) -> d
               "difference_b_minus_a": difference, "settings_changed": settings_changed, "videos": len(shared)}
     _write_text(out_dir / "compare.json", json.dumps(result, indent=2))
     sheet_rows = [
-        (f"{row_a['video_id']}: {row_a['prompt']}\nA {_score_line(row_a)}  |  B {_score_line(row_b)}",
+        (f"{row_a['video_id']}: {row_a['prompt']}\nA: {_score_line(row_a)}    B: {_score_line(row_b)}",
          [[_reference_thumb(run_a, row_a["subject"])], _video_thumbs(run_a, row_a), _video_thumbs(run_b, row_b)])
         for row_a, row_b in shared
     ]
