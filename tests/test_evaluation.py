@@ -313,6 +313,9 @@ def test_resume_skips_finished_videos_and_redoes_broken_ones(tmp_path):
         generate_videos(eval_set, out, generator, {**SETTINGS, "cfg": 5.0}, base_seed=42)
     with pytest.raises(SDVGenError, match=r"differing: seed"):
         generate_videos(eval_set, out, generator, SETTINGS, base_seed=1)
+    Image.new("RGB", (48, 32), (0, 0, 0)).save(tmp_path / "refs" / "box.png")  # another photo, same name
+    with pytest.raises(SDVGenError, match=r"box__p0 made with other settings \(differing: reference_sha256\)"):
+        generate_videos(eval_set, out, generator, SETTINGS, base_seed=42)
 
 
 def test_bad_references_fail_only_their_own_videos(tmp_path):

@@ -107,9 +107,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _file_digest(path: Path | None) -> str | None:
+    return _sha256(path) if path is not None and path.is_file() else None
+
+
 def video_record(video: EvalVideo, seed: int, settings: dict) -> dict:
-    """What a finished video's sidecar must say (besides the mp4's size and hash)."""
+    """What a finished video's sidecar must say (besides the mp4's size and hash): a changed reference or
+    mask file counts as a change of settings."""
     return {"video_id": video.video_id, "generation_prompt": video.generation_prompt, "seed": seed,
+            "reference_sha256": _file_digest(video.reference), "mask_sha256": _file_digest(video.mask),
             "settings": settings}
 
 
@@ -140,8 +146,11 @@ class GenerationResult:
     seconds: float = 0.0
 
 
+_RECORD_KEYS = ("seed", "generation_prompt", "reference_sha256", "mask_sha256")
+
+
 def _comparable(record: dict) -> dict:
-    return {**record.get("settings", {}), "seed": record.get("seed"), "generation_prompt": record.get("generation_prompt")}
+    return {**record.get("settings", {}), **{key: record.get(key) for key in _RECORD_KEYS}}
 
 
 def _settings_difference(old: dict, new: dict) -> list[str]:
