@@ -9,9 +9,16 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import SDVGenError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .backbones import Backbone
 
 logger = logging.getLogger("sdvgen")
 
@@ -133,23 +140,51 @@ def _write(frames, out: Path, fps: int, overwrite: bool) -> Path:
             continue
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from .backbones import detect_family, get_backbone, load_pipeline
+@dataclass
+class GenerationPlan:
+    """`sdvgen generate` options resolved against the model: backbone defaults applied, everything checked."""
+
+    model_dir: Path
+    backbone: "Backbone"
+    settings: dict[str, int]  # height, width, num_frames, num_inference_steps
+    guidance_scale: float
+    fps: int
+    family_options: dict[str, object]  # __call__ options only one backbone has (dynamic CFG, eta, ...)
+    device: "torch.device"
+    precision: str
+
+    def call_options(self, args: argparse.Namespace) -> dict[str, object]:
+        """Keyword arguments for the pipeline's `__call__` that do not depend on the video being made."""
+        return {
+            "negative_prompt": args.negative_prompt, "guidance_scale": self.guidance_scale,
+            "reference_guidance_scale": args.reference_guidance, "fit": args.fit, **self.settings,
+            **self.family_options,
+        }
+
+    def load_pipeline(self, args: argparse.Namespace):
+        """The backbone's pipeline with the LoRA, placed as asked (the one place the CLI builds a pipeline)."""
+        from .backbones import load_pipeline
+
+        pipe = load_pipeline(
+            self.model_dir, self.backbone.family, dtype=self.precision, lora_path=args.lora,
+            lora_strength=args.lora_strength, fuse_lora=args.fuse_lora, scheduler=args.scheduler,
+        )
+        pipe.set_memory_mode(args.memory_mode, self.device)
+        return pipe
+
+
+def plan_generation(args: argparse.Namespace) -> GenerationPlan:
+    """Check every model-independent `generate` option and resolve the backbone's defaults, before any loading."""
+    from .backbones import detect_family, get_backbone
     from .lora import check_lora_header
     from .pipeline import check_model_dir
     from .presets import TINY_GENERATION_DEFAULTS
-    from .wan_presets import TINY_WAN_GENERATION_DEFAULTS
-    from .prompts import insert_cls
-    from .reference import load_image, prepare_reference_image
     from .validation import (
         FPS_RANGE, LORA_STRENGTH_RANGE, SEED_RANGE, GenerationLimits, check_float, check_generation_settings,
         check_int, resolve_device,
     )
+    from .wan_presets import TINY_WAN_GENERATION_DEFAULTS
 
-    import torch
-
-    started = time.perf_counter()
-    # Everything the user typed is checked first; the model loads only when all of it is usable.
     model_dir = _tiny_model_dir(args.preset) if args.preset else check_model_dir(args.model)
     backbone = get_backbone(args.family or detect_family(model_dir))
     fallback = backbone.defaults
@@ -161,7 +196,7 @@ def _generate(args: argparse.Namespace) -> int:
     settings = _settings(args, defaults)
     cfg = fallback.guidance_scale if args.cfg is None else args.cfg
     fps = fallback.fps if args.fps is None else args.fps
-    family_options = {}
+    family_options: dict[str, object] = {}
     if args.dynamic_cfg:
         family_options["use_dynamic_cfg"] = True
     if args.reference_timestep is not None:
@@ -181,37 +216,45 @@ def _generate(args: argparse.Namespace) -> int:
     check_int("--seed", args.seed, *SEED_RANGE)
     device = resolve_device(args.device, "--device")
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if args.lora is not None:
+        check_lora_header(args.lora)
+    elif args.fuse_lora:
+        raise SDVGenError("--fuse-lora needs --lora (there is no LoRA to fuse)")
+    return GenerationPlan(model_dir, backbone, settings, cfg, fps, family_options, device, precision)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .prompts import insert_cls
+    from .reference import load_image, prepare_reference_image
+
+    import torch
+
+    started = time.perf_counter()
+    # Everything the user typed is checked first; the model loads only when all of it is usable.
+    plan = plan_generation(args)
     out = _check_output(args.out, args.overwrite)
     if not args.prompt.strip():
         raise SDVGenError("--prompt is empty; describe what the subject does")
     prompt = insert_cls(args.prompt, args.subject)
     reference = load_image(args.ref)
     mask = load_image(args.mask) if args.mask else None
+    settings = plan.settings
     prepare_reference_image(reference, settings["height"], settings["width"], fit=args.fit, subject_mask=mask)
-    if args.lora is not None:
-        check_lora_header(args.lora)
-    elif args.fuse_lora:
-        raise SDVGenError("--fuse-lora needs --lora (there is no LoRA to fuse)")
 
-    pipe = load_pipeline(
-        model_dir, backbone.family, dtype=precision, lora_path=args.lora, lora_strength=args.lora_strength,
-        fuse_lora=args.fuse_lora, scheduler=args.scheduler,
-    )
-    pipe.set_memory_mode(args.memory_mode, device)
+    pipe = plan.load_pipeline(args)
     logger.info("prompt: %s", prompt)
     logger.info(
         "%dx%d, %d frames, %d steps, cfg %s, %s on %s",
         settings["width"], settings["height"], settings["num_frames"], settings["num_inference_steps"],
-        cfg, precision, device,
+        plan.guidance_scale, plan.precision, plan.device,
     )
     generator = torch.Generator("cpu").manual_seed(args.seed)
     latents = pipe(
-        prompt, reference_image=reference, negative_prompt=args.negative_prompt, guidance_scale=cfg,
-        reference_guidance_scale=args.reference_guidance, fit=args.fit, subject_mask=mask, generator=generator,
-        output_type="latent", **settings, **family_options,
+        prompt, reference_image=reference, subject_mask=mask, generator=generator, output_type="latent",
+        **plan.call_options(args),
     ).latents
     frames = pipe.decode(latents, tiled=args.tiled_decode)
-    path = _write(frames[0], out, fps, args.overwrite)
+    path = _write(frames[0], out, plan.fps, args.overwrite)
     if path != out:
         logger.warning("%s exists, so the video was written to %s (--overwrite replaces the file)", out, path)
     logger.info("wrote %s (%d frames, %.1f s)", path, frames.shape[1], time.perf_counter() - started)
@@ -252,12 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
     _add_tiny_model(subparsers)
+    from .evaluation.cli import add_evaluate_parser, run_evaluate
+
+    add_evaluate_parser(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     import torch
 
     try:
+        if args.command == "evaluate":
+            return run_evaluate(args)
         return _generate(args) if args.command == "generate" else _tiny_model(args)
     except SDVGenError as error:  # bad input: the message names it and what is expected
         print(f"error: {error}", file=sys.stderr)

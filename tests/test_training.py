@@ -414,7 +414,11 @@ def test_ablation_switches_shape_batches(demo, tiny_model_dir):
 
 def test_validation_videos_from_the_training_transformer(demo, tiny_model_dir, tmp_path):
     import av
+    import numpy as np
+    from PIL import Image
 
+    from sdvgen_core.evaluation.metrics import ClipScorer, DinoScorer
+    from sdvgen_core.evaluation.tiny_encoders import build_tiny_clip, build_tiny_dino
     from training.demo import draw_view
 
     reference = tmp_path / "ref.png"
@@ -422,13 +426,22 @@ def test_validation_videos_from_the_training_transformer(demo, tiny_model_dir, t
     trainer = Trainer(config_for(demo, tiny_model_dir, "validation", "train.max_steps=2", "monitor.every=0",
                                  "validation.every=2", f"validation.references=[{reference}]",
                                  "validation.prompts=[A <cls> mug on a table]", "validation.num_frames=5",
-                                 "validation.num_inference_steps=2"))
+                                 "validation.num_inference_steps=2", f"validation.clip={build_tiny_clip(tmp_path / 'clip')}",
+                                 f"validation.dino={build_tiny_dino(tmp_path / 'dino')}"))
     trainer.train()
     video = Path(trainer.output_dir) / "validation" / "step-000002-ref0.mp4"
     with av.open(str(video)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
     assert len(frames) == 5 and frames[0].shape == (64, 96, 3)
     assert trainer.model.training  # sampling left the model in training mode
+    # the logged metrics are the evaluation harness's scores of the written video
+    fitted = np.asarray(Image.open(reference).convert("RGB").resize((96, 96)).crop((0, 16, 96, 80)))
+    clip, dino = ClipScorer(tmp_path / "clip"), DinoScorer(tmp_path / "dino")
+    metrics = trainer.validator.last_metrics
+    assert set(metrics) == {"val/clip_t", "val/clip_i", "val/dino_i"}
+    assert metrics["val/clip_t"] == pytest.approx(clip.clip_t(frames, "A mug on a table"), abs=1e-5)
+    assert metrics["val/clip_i"] == pytest.approx(clip.clip_i(frames, fitted), abs=2e-2)
+    assert metrics["val/dino_i"] == pytest.approx(dino.dino_i(frames, fitted), abs=2e-2)
 
 
 def test_gradient_checkpointing_keeps_lora_gradients(demo, tiny_model_dir):

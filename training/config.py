@@ -123,6 +123,8 @@ class ValidationConfig:
     num_inference_steps: int = 50
     guidance_scale: float = 6.0
     seed: int = 0
+    clip: str = ""  # CLIP folder (as `sdvgen evaluate --clip`): log CLIP-T / CLIP-I of the validation videos
+    dino: str = ""  # DINO ViT folder (as `sdvgen evaluate --dino`): log DINO-I
 
 
 @dataclass

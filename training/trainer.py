@@ -439,6 +439,8 @@ class Trainer:
     def _validate(self) -> None:
         if self.accelerator.is_main_process:
             self.validator.run(self.unwrapped, self.state.step, self.output_dir, self.accelerator.device)
+            if self.validator.last_metrics:
+                self.accelerator.log(self.validator.last_metrics, step=self.state.step)
         self.accelerator.wait_for_everyone()
 
     def _stop_agreed(self, requested: bool) -> bool:

@@ -1,5 +1,8 @@
 """Validation videos: the training transformer (with its current LoRA) sampled on fixed references and prompts.
 
+With `validation.clip` / `validation.dino` set, each video (as written) is scored with the evaluation
+harness's CLIP-T, CLIP-I and DINO-I (`sdvgen_core.evaluation`) and the means are logged as `val/*`.
+
 The VAE and T5 are loaded on the first run, kept on the CPU between runs and moved to the device only
 while sampling, so training memory is untouched except during validation (T5-XXL needs ~9.5 GB in bf16).
 """
@@ -12,8 +15,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from sdvgen_core.evaluation.evalset import prompt_without_cls
+from sdvgen_core.evaluation.media import read_video
+from sdvgen_core.evaluation.metrics import ClipScorer, DinoScorer, mean_or_none
+from sdvgen_core.evaluation.report import METRICS, Scorers, score_video
 from sdvgen_core.pipeline import SDVGenPipeline
-from sdvgen_core.video import write_mp4
+from sdvgen_core.reference import prepare_reference_image
+from sdvgen_core.video import frames_to_uint8, write_mp4
 
 from .config import Config
 from .data import DataError
@@ -33,6 +41,11 @@ class Validator:
             except OSError as error:
                 raise DataError(f"validation reference {path!r} cannot be read: {error}") from None
         self._parts = None
+        settings = config.validation
+        # encoders load (on the CPU) before training starts, so a wrong folder fails early
+        self.scorers = Scorers(clip=ClipScorer(settings.clip) if settings.clip else None,
+                               dino=DinoScorer(settings.dino) if settings.dino else None)
+        self.last_metrics: dict[str, float] = {}
 
     def _load_parts(self):
         if self._parts is None:
@@ -49,7 +62,7 @@ class Validator:
         transformer.eval()
         text_encoder.to(device)
         vae.to(device)
-        written = []
+        written, scores = [], []
         try:
             pipe = SDVGenPipeline(tokenizer, text_encoder, vae, transformer, scheduler)
             for index, (reference, prompt) in enumerate(zip(self.references, settings.prompts)):
@@ -61,6 +74,10 @@ class Validator:
                 ).frames[0]
                 path = output_dir / "validation" / f"step-{step:06d}-ref{index}.mp4"
                 written.append(write_mp4(frames, path, fps=int(data.video.fps), overwrite=True))
+                if self.scorers.clip or self.scorers.dino:
+                    fitted = frames_to_uint8(prepare_reference_image(reference, data.height, data.width))[0]
+                    video, fps = read_video(path)
+                    scores.append(score_video(video, fps, fitted, prompt_without_cls(prompt), self.scorers))
         finally:
             text_encoder.to("cpu")
             vae.to("cpu")
@@ -68,4 +85,9 @@ class Validator:
                 torch.cuda.empty_cache()
             transformer.train(was_training)
         logger.info("validation videos: %s", ", ".join(str(p) for p in written))
+        means = {key: mean_or_none([row[key] for row in scores]) for key, _ in METRICS}
+        self.last_metrics = {f"val/{key}": value for key, value in means.items() if value is not None}
+        if self.last_metrics:
+            logger.info("validation metrics at step %d: %s", step,
+                        ", ".join(f"{key} {value:.4f}" for key, value in self.last_metrics.items()))
         return written
