@@ -333,7 +333,10 @@ def test_comfyui_copy_has_native_wan_names_that_diffusers_maps_back(wan_model_di
     assert "diffusion_model.blocks.0.self_attn.q.lora_A.weight" in native
     assert "diffusion_model.blocks.1.cross_attn.o.lora_B.weight" in native
     assert "diffusion_model.text_embedding.0.lora_A.weight" in native and len(native) == len(ours)
-    # diffusers converts every native Wan name but the patch embedding; the rest must come back unchanged
+    # diffusers converts every native Wan name but the patch embedding (a native file with one is refused, which
+    # is why the diffusers layout stays canonical); the rest must come back unchanged
+    with pytest.raises(ValueError, match="patch_embedding"):
+        _convert_non_diffusers_wan_lora_to_diffusers(dict(native))
     convertible = {k: v for k, v in native.items() if ".patch_embedding." not in k}
     back = _convert_non_diffusers_wan_lora_to_diffusers(convertible)
     expected = {k: v for k, v in ours.items() if ".patch_embedding." not in k}
