@@ -8,7 +8,7 @@ when a node runs, never at import.
 
 from __future__ import annotations
 
-from .core import sdvgen_core
+from .core import core_module, sdvgen_core
 from .host import LORA_FOLDER, comfy_module, lora_files, where
 from .types import CATEGORY, MAX_SIZE
 from .wan_patch import (
@@ -17,7 +17,6 @@ from .wan_patch import (
     WAN22_LATENT_CHANNELS,
     WAN22_SIZE_STEP,
     ReferenceTokensWrapper,
-    diffusers_wan_lora_to_native,
     insert_token_for_marker,
     wan22_latent_shape,
     wan22_video_size_problem,
@@ -64,10 +63,9 @@ class WanSubjectReference:
                                    "tooltip": "Frames, 4k + 1 (121 = 5 s at Wan 2.2's 24 fps)."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Videos sampled at once."}),
                 "reference_timestep": (REFERENCE_TIMESTEPS, {
-                    "default": "video",
-                    "tooltip": "Timestep the reference tokens are modulated with. video (default): the video's own "
-                               "timestep, as the SDV-Gen method does on CogVideoX and as the LoRA is trained; clean: "
-                               "0, the way Wan 2.2 TI2V treats a clean conditioning frame.",
+                    "default": "clean",
+                    "tooltip": "Timestep of the reference tokens. clean (default): 0, as Wan 2.2 TI2V treats a clean "
+                               "conditioning frame; video: the video's, as on CogVideoX. Use the LoRA's training mode.",
                 }),
             },
             "optional": {
@@ -205,8 +203,8 @@ class WanLoraLoader:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "Wan 2.2 TI2V-5B from UNETLoader."}),
-                "lora_name": (sorted(lora_files()), {"tooltip": "SDV-Gen Wan LoRA from models/loras (the diffusers key layout our "
-                                                 "trainer writes; ComfyUI 0.3.64's LoraLoaderModelOnly cannot map it)."}),
+                "lora_name": (sorted(lora_files()), {"tooltip": "SDV-Gen Wan LoRA from models/loras in the diffusers key layout our "
+                                                 "trainer writes (its native-key copy goes in LoraLoaderModelOnly)."}),
                 "strength_model": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.01,
                                              "tooltip": "LoRA strength (1.0 as trained)."}),
             }
@@ -232,7 +230,7 @@ class WanLoraLoader:
         if path is None:
             raise sdvgen_core.LoraLoadError(f"lora_name: no file {lora_name!r} in {where(LORA_FOLDER)} (.safetensors only)")
         _require_wan22(model)
-        lora = diffusers_wan_lora_to_native(utils.load_torch_file(str(path), safe_load=True))
+        lora = core_module("wan_lora").diffusers_wan_lora_to_native(utils.load_torch_file(str(path), safe_load=True))
         known = lora_keys.model_lora_keys_unet(model.model, {})
         unknown = sorted({key.rsplit(".lora_", 1)[0] for key in lora} - set(known))
         if unknown:  # the core loader would only log and skip these

@@ -1,10 +1,9 @@
-"""Host-free pieces of the native Wan 2.2 nodes: the reference-token model wrapper, `<cls>` token placement,
-LoRA key conversion and size checks. Plain Python + torch (imported lazily); the ComfyUI glue is in `wan.py`.
+"""Host-free pieces of the native Wan 2.2 nodes: the reference-token model wrapper, `<cls>` token placement
+and size checks. Plain Python + torch (imported lazily); the ComfyUI glue is in `wan.py`, the LoRA key map is
+`sdvgen_core.wan_lora`'s.
 """
 
 from __future__ import annotations
-
-import re
 
 from .core import sdvgen_core
 
@@ -13,7 +12,7 @@ WAN22_LATENT_CHANNELS = 48
 WAN22_SPATIAL_FACTOR = 16
 WAN22_TEMPORAL_FACTOR = 4
 WAN22_SIZE_STEP = 32
-REFERENCE_TIMESTEPS = ["video", "clean"]
+REFERENCE_TIMESTEPS = ["clean", "video"]  # the default first
 # The transformers UMT5 tokenizer (google/umt5-xxl, as the Wan pipelines load it) is the sentencepiece vocabulary
 # (256,000 pieces) plus 300 `<extra_id_*>` sentinels: its length, 256,300, is `<cls>`'s id by the spec rule.
 # ComfyUI's UMT5 tokenizer is the bare sentencepiece model, so the sentinels are added here.
@@ -115,74 +114,3 @@ def insert_token_for_marker(token_batches: list[list[tuple]], marker: list[int],
                 tokens += [(pad_token, 1.0, *tokens[-1][2:3])] * (min_length - len(tokens))
             return [*token_batches[:batch], tokens, *token_batches[batch + 1:]]
     raise sdvgen_core.SDVGenError(f"<cls> was not found in the tokenized prompt (marker ids {marker})")
-
-
-# diffusers WanTransformer3DModel module names -> ComfyUI's native Wan module names.
-_DIFFUSERS_TO_NATIVE_WAN = [
-    (r"blocks\.(\d+)\.attn1\.to_q", r"blocks.\1.self_attn.q"),
-    (r"blocks\.(\d+)\.attn1\.to_k", r"blocks.\1.self_attn.k"),
-    (r"blocks\.(\d+)\.attn1\.to_v", r"blocks.\1.self_attn.v"),
-    (r"blocks\.(\d+)\.attn1\.to_out\.0", r"blocks.\1.self_attn.o"),
-    (r"blocks\.(\d+)\.attn1\.norm_([qk])", r"blocks.\1.self_attn.norm_\2"),
-    (r"blocks\.(\d+)\.attn2\.to_q", r"blocks.\1.cross_attn.q"),
-    (r"blocks\.(\d+)\.attn2\.to_k", r"blocks.\1.cross_attn.k"),
-    (r"blocks\.(\d+)\.attn2\.to_v", r"blocks.\1.cross_attn.v"),
-    (r"blocks\.(\d+)\.attn2\.to_out\.0", r"blocks.\1.cross_attn.o"),
-    (r"blocks\.(\d+)\.attn2\.norm_([qk])", r"blocks.\1.cross_attn.norm_\2"),
-    (r"blocks\.(\d+)\.norm2", r"blocks.\1.norm3"),  # the cross-attention norm (affine) is norm3 natively
-    (r"blocks\.(\d+)\.ffn\.net\.0\.proj", r"blocks.\1.ffn.0"),
-    (r"blocks\.(\d+)\.ffn\.net\.2", r"blocks.\1.ffn.2"),
-    (r"patch_embedding", r"patch_embedding"),
-    (r"condition_embedder\.text_embedder\.linear_1", r"text_embedding.0"),
-    (r"condition_embedder\.text_embedder\.linear_2", r"text_embedding.2"),
-    (r"condition_embedder\.time_embedder\.linear_1", r"time_embedding.0"),
-    (r"condition_embedder\.time_embedder\.linear_2", r"time_embedding.2"),
-    (r"condition_embedder\.time_proj", r"time_projection.1"),
-    (r"proj_out", r"head.head"),
-]
-_DIFFUSERS_TO_NATIVE_PARAMETERS = {"scale_shift_table": "head.modulation"}  # per block: blocks.N.modulation
-
-
-def native_wan_module(module: str) -> str | None:
-    """ComfyUI's native name of a diffusers `WanTransformer3DModel` module (`blocks.0.attn1.to_q` ->
-    `blocks.0.self_attn.q`), or None for a name that is not one."""
-    for pattern, replacement in _DIFFUSERS_TO_NATIVE_WAN:
-        if re.fullmatch(pattern, module):
-            return re.sub(pattern, replacement, module)
-    return None
-
-
-def native_wan_key(key: str) -> str | None:
-    """ComfyUI's native key of a diffusers `WanTransformer3DModel` weight (`...attn1.to_q.weight`,
-    `blocks.0.scale_shift_table` -> `blocks.0.modulation`), or None."""
-    if key in _DIFFUSERS_TO_NATIVE_PARAMETERS:
-        return _DIFFUSERS_TO_NATIVE_PARAMETERS[key]
-    block = re.fullmatch(r"(blocks\.\d+)\.scale_shift_table", key)
-    if block:
-        return f"{block[1]}.modulation"
-    module, _, parameter = key.rpartition(".")
-    native = native_wan_module(module)
-    return None if native is None else f"{native}.{parameter}"
-
-
-_LORA_KEY = re.compile(r"^(?:transformer\.)?(?P<module>.+)\.(?P<part>lora_[AB]\.weight|lora_B\.bias)$")
-
-
-def diffusers_wan_lora_to_native(state_dict: dict) -> dict:
-    """A Wan LoRA in the diffusers key layout (`transformer.blocks.0.attn1.to_q.lora_A.weight`) with ComfyUI's
-    native Wan keys (`diffusion_model.blocks.0.self_attn.q.lora_A.weight`), which its LoRA loader maps.
-
-    Tensors are passed through unchanged (alpha/rank is folded into the weights in our files); a key that is
-    not a LoRA tensor of a known Wan module is an error naming it.
-    """
-    converted = {}
-    for key, tensor in state_dict.items():
-        match = _LORA_KEY.match(key)
-        native = native_wan_module(match["module"]) if match else None
-        if native is None:
-            raise sdvgen_core.LoraLoadError(
-                f"LoRA key {key!r} is not a LoRA tensor of a Wan 2.2 transformer module in the diffusers layout "
-                f"(expected e.g. 'transformer.blocks.0.attn1.to_q.lora_A.weight'); is this a CogVideoX LoRA?"
-            )
-        converted[f"diffusion_model.{native}.{match['part']}"] = tensor
-    return converted

@@ -1,6 +1,6 @@
 """Run by ComfyUI's own Python from tests/test_comfyui_host_wan.py: the native Wan nodes inside a real ComfyUI.
 
-    python comfyui_wan_host_checks.py COMFYUI_ROOT REPO WORKDIR LORA_FILE
+    python comfyui_wan_host_checks.py COMFYUI_ROOT REPO WORKDIR LORA_FILE NATIVE_LORA_FILE STRENGTH
 
 Builds a tiny native-format Wan 2.2 TI2V-5B transformer (detected by ComfyUI from its tensor shapes), loads
 it with the core UNETLoader, patches it with our nodes, samples with the core KSampler, and prints one JSON
@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-COMFYUI_ROOT, REPO, WORKDIR, LORA_FILE = (Path(arg) for arg in sys.argv[1:5])
+COMFYUI_ROOT, REPO, WORKDIR, LORA_FILE, NATIVE_LORA_FILE = (Path(arg) for arg in sys.argv[1:6])
+LORA_STRENGTH = float(sys.argv[6])
 sys.path.insert(0, str(COMFYUI_ROOT))
 sys.path.insert(0, str(WORKDIR))
 
@@ -36,9 +37,10 @@ from comfyui_wan_standins import PoolingVAE, tiny_umt5_clip, write_tiny_wan22  #
 
 PACK = "sdvgen_pack_under_test"
 (WORKDIR / PACK).symlink_to(REPO, target_is_directory=True)
-wan_nodes, wan_patch = (importlib.import_module(f"{PACK}.nodes.{name}") for name in ("wan", "wan_patch"))
+wan_nodes = importlib.import_module(f"{PACK}.nodes.wan")
+wan_lora = importlib.import_module(f"{PACK}.sdvgen_core.wan_lora")
 
-UNET_NAME, LORA_NAME = "tiny_wan22_ti2v.safetensors", LORA_FILE.name
+UNET_NAME, LORA_NAME, NATIVE_LORA_NAME = "tiny_wan22_ti2v.safetensors", LORA_FILE.name, NATIVE_LORA_FILE.name
 WIDTH, HEIGHT, LENGTH = 64, 32, 9  # latent 4 x 2 x 3 frames
 results: dict[str, object] = {}
 
@@ -56,6 +58,17 @@ def patched_native_prediction(model_patcher, latents: torch.Tensor, timestep: to
     return (latents - denoised) / sigma.reshape(-1, 1, 1, 1, 1)
 
 
+class FixedLatentVAE:
+    """A VAE whose encoding is a given model-space latent (in the VAE's raw scale, so that the node's
+    `process_latent_in` gives it back): feeds the diffusers side's reference latent to the node unchanged."""
+
+    def __init__(self, model_patcher, latent: torch.Tensor) -> None:
+        self.raw = model_patcher.model.process_latent_out(latent.clone())
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.raw.clone()
+
+
 def subject_image(seed: int) -> torch.Tensor:
     return torch.rand(1, 80, 100, 3, generator=torch.Generator().manual_seed(seed))
 
@@ -65,7 +78,8 @@ def main() -> None:
         (WORKDIR / name).mkdir(parents=True, exist_ok=True)  # diffusion_models holds the renamed diffusers model
         folder_paths.add_model_folder_path(folder, str(WORKDIR / name), is_default=True)
     state = write_tiny_wan22(WORKDIR / "models/diffusion_models" / UNET_NAME)
-    (WORKDIR / "models/loras" / LORA_NAME).symlink_to(LORA_FILE)
+    for name, path in ((LORA_NAME, LORA_FILE), (NATIVE_LORA_NAME, NATIVE_LORA_FILE)):
+        (WORKDIR / "models/loras" / name).symlink_to(path)
 
     (model,) = comfy_nodes.UNETLoader().load_unet(UNET_NAME, "default")
     results["detected"] = [type(model.model).__name__, model.model.latent_format.latent_channels,
@@ -82,28 +96,62 @@ def main() -> None:
         "missing": sorted(native_keys - set(renamed)), "unexpected": sorted(set(renamed) - native_keys),
         "max_error": (velocity - stock["velocity"]).abs().max().item(), "scale": stock["velocity"].abs().max().item(),
     }
-    del from_diffusers
+
+    # --- the cross-check: the same weights, LoRA and inputs as our diffusers-side adapter ----------------------
+    # core LoraLoaderModelOnly with the native copy, our patch with the same model-space reference latent
+    (lora_from_diffusers,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(
+        from_diffusers, NATIVE_LORA_NAME, LORA_STRENGTH)
+    inputs = (stock["video"], stock["video_timestep"], stock["video_context"])
+    vae = FixedLatentVAE(from_diffusers, stock["reference"])
+    cross_check, predictions = {}, {}
+    for mode in ("video", "clean"):
+        patched, _, _ = wan_nodes.WanSubjectReference().apply(
+            lora_from_diffusers, vae, subject_image(3), WIDTH, HEIGHT, LENGTH, 2, mode)
+        ours = predictions[mode] = patched_native_prediction(patched, *inputs)
+        without_lora, _, _ = wan_nodes.WanSubjectReference().apply(
+            from_diffusers, vae, subject_image(3), WIDTH, HEIGHT, LENGTH, 2, mode)
+        adapter = stock[f"adapter_{mode}"]
+        cross_check[mode] = {
+            "shape": list(ours.shape), "max_error": (ours - adapter).abs().max().item(),
+            "scale": adapter.abs().max().item(),
+            "lora_changes_prediction": (ours - patched_native_prediction(without_lora, *inputs)).abs().max().item(),
+            "reference_changes_prediction": (ours - patched_native_prediction(lora_from_diffusers, *inputs)).abs().max().item(),
+        }
+    cross_check["modes_differ_by"] = (predictions["video"] - predictions["clean"]).abs().max().item()
+    results["native_vs_diffusers_adapter"] = cross_check
+    del from_diffusers, lora_from_diffusers, patched, without_lora
     comfy.model_management.unload_all_models()
 
-    # --- LoRA: core LoraLoaderModelOnly cannot map the diffusers layout; our loader maps every key --------------
-    raw = load_file(str(LORA_FILE))
+    # --- LoRA: core LoraLoaderModelOnly maps none of the diffusers layout but all of the native copy; our loader
+    # maps the diffusers file; both patch W + strength * B @ A, identically -------------------------------------
+    raw, native_copy = load_file(str(LORA_FILE)), load_file(str(NATIVE_LORA_FILE))
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     results["lora_modules"] = len({k.rsplit(".lora_", 1)[0] for k in raw})
     results["core_mapped_modules"] = len(comfy.lora.load_lora(comfy.lora_convert.convert_lora(raw), key_map, log_missing=False))
-    native = wan_patch.diffusers_wan_lora_to_native(raw)
-    results["converted_mapped_modules"] = len(comfy.lora.load_lora(native, key_map, log_missing=False))
-    (lora_model,) = wan_nodes.WanLoraLoader().load(model, LORA_NAME, 0.75)
-    comfy.model_management.load_models_gpu([lora_model])
-    errors = []
+    results["native_copy_mapped_modules"] = len(
+        comfy.lora.load_lora(comfy.lora_convert.convert_lora(native_copy), key_map, log_missing=False))
+    converted = wan_lora.diffusers_wan_lora_to_native(raw)
+    results["converted_mapped_modules"] = len(comfy.lora.load_lora(converted, key_map, log_missing=False))
+
+    def patched_weights(model_patcher) -> dict[str, torch.Tensor]:
+        comfy.model_management.load_models_gpu([model_patcher])
+        weights = {k: v.detach().float().cpu().clone() for k, v in model_patcher.model.diffusion_model.state_dict().items()}
+        comfy.model_management.unload_all_models()
+        return weights
+
+    (core_lora_model,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, NATIVE_LORA_NAME, LORA_STRENGTH)
+    (lora_model,) = wan_nodes.WanLoraLoader().load(model, LORA_NAME, LORA_STRENGTH)
+    by_core, by_ours = patched_weights(core_lora_model), patched_weights(lora_model)
+    results["loaders_differ_at"] = sorted(k for k in by_core if not torch.equal(by_core[k], by_ours[k]))
+    errors = {"core": [], "ours": []}
     for key in (key for key in raw if key.endswith(".lora_A.weight")):
         down, up = raw[key].float(), raw[key.replace("lora_A", "lora_B")].float()
-        module = wan_patch.native_wan_module(key[len("transformer."):-len(".lora_A.weight")])
+        module = wan_lora.native_module_name(key[len("transformer."):-len(".lora_A.weight")])
         base_weight = state[f"{module}.weight"]
-        expected = base_weight + 0.75 * (up.flatten(1) @ down.flatten(1)).reshape(base_weight.shape)
-        actual = lora_model.model.diffusion_model.get_submodule(module).weight.detach().float().cpu()
-        errors.append((actual - expected).abs().max().item())
-    results["lora_weight_max_error"] = max(errors)
-    comfy.model_management.unload_all_models()
+        expected = base_weight + LORA_STRENGTH * (up.flatten(1) @ down.flatten(1)).reshape(base_weight.shape)
+        for loader, weights in (("core", by_core), ("ours", by_ours)):
+            errors[loader].append((weights[f"{module}.weight"] - expected).abs().max().item())
+    results["core_loader_weight_max_error"], results["lora_weight_max_error"] = max(errors["core"]), max(errors["ours"])
 
     # --- the patch: patched prediction == unpatched model on [reference ; video] with per-frame timesteps -------
     vae = PoolingVAE()

@@ -3,8 +3,10 @@
     COMFYUI_ROOT=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/comfy/venv/bin/python python -m pytest tests/test_comfyui_host_wan.py
 
 In-process part (`comfyui_wan_host_checks.py`, run by the host's Python): a tiny native-format Wan 2.2
-transformer goes through the core UNETLoader, our LoRA loader (a tiny LoRA written here with peft on
-diffusers' WanTransformer3DModel) and our subject-reference patch into the core KSampler. Server part: the
+transformer goes through the core UNETLoader, our LoRA loader (a tiny LoRA written here by sdvgen_core on
+diffusers' WanTransformer3DModel; its native-key copy through core LoraLoaderModelOnly) and our subject-reference
+patch into the core KSampler; ComfyUI's model on weights renamed from diffusers, patched by our nodes, is checked
+against our diffusers-side adapter (SDVGenWanTransformer3DModel) on the same inputs. Server part: the
 shipped Wan workflow, converted with the host's /object_info, runs in ComfyUI with the tiny model under the
 workflow's file names; only its CLIPLoader and VAELoader are swapped for test-only loaders of tiny stand-ins
 (`comfyui_wan_test_nodes.py`, placed in custom_nodes/ for the run and removed afterwards).
@@ -34,8 +36,7 @@ pytestmark = pytest.mark.skipif(not COMFYUI_ROOT, reason="set COMFYUI_ROOT to a 
 TINY_WAN_DIFFUSERS = dict(patch_size=(1, 2, 2), num_attention_heads=1, attention_head_dim=128, in_channels=48,
                           out_channels=48, text_dim=4096, freq_dim=256, ffn_dim=256, num_layers=2, cross_attn_norm=True,
                           qk_norm="rms_norm_across_heads", eps=1e-6)
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2", "patch_embedding",
-                "condition_embedder.text_embedder.linear_1", "condition_embedder.text_embedder.linear_2"]
+LORA_STRENGTH = 0.75  # the host checks load the LoRA at this strength too
 
 
 def tiny_diffusers_wan(seed: int):
@@ -46,52 +47,68 @@ def tiny_diffusers_wan(seed: int):
     return WanTransformer3DModel(**TINY_WAN_DIFFUSERS).eval()
 
 
-def write_diffusers_reference(models: Path, path: Path) -> None:
-    """A stock diffusers tiny Wan 2.2, its weights renamed to ComfyUI's native keys (for UNETLoader), and its
-    prediction on fixed inputs: the host checks that ComfyUI's model gives the same (the base the lead's
-    cross-check against our diffusers adapter builds on)."""
+def write_diffusers_reference(models: Path, path: Path, lora: Path) -> None:
+    """A stock diffusers tiny Wan 2.2, its weights renamed to ComfyUI's native keys (for UNETLoader), and on fixed
+    inputs: the stock prediction, and our diffusers-side adapter's (SDVGenWanTransformer3DModel on the same
+    weights with `lora` loaded by sdvgen_core at LORA_STRENGTH and a reference latent, both reference_timestep
+    modes). The host checks that ComfyUI's model, and ComfyUI's model patched by our nodes, predict the same."""
     import torch
     from safetensors.torch import save_file
 
-    from nodes.wan_patch import native_wan_key
+    from sdvgen_core.lora import load_lora
+    from sdvgen_core.wan_lora import native_weight_name
+    from sdvgen_core.wan_transformer import SDVGenWanTransformer3DModel
 
     transformer = tiny_diffusers_wan(seed=1)
-    native = {native_wan_key(key): value.contiguous() for key, value in transformer.state_dict().items()}
-    assert None not in native and len(native) == len(transformer.state_dict())
+    native = {native_weight_name(key): value.contiguous() for key, value in transformer.state_dict().items()}
+    assert len(native) == len(transformer.state_dict())
     (models / "diffusion_models").mkdir(parents=True)
     save_file(native, str(models / "diffusion_models" / "tiny_wan22_from_diffusers.safetensors"))
     generator = torch.Generator().manual_seed(2)
     inputs = {"latents": torch.randn(1, 48, 3, 2, 4, generator=generator), "timestep": torch.tensor([700.0]),
-              "context": torch.randn(1, 7, 4096, generator=generator)}
+              "context": torch.randn(1, 7, 4096, generator=generator),
+              # the cross-check's inputs: a model-space reference latent, a batch of 2 at two noise levels
+              "reference": torch.randn(1, 48, 1, 2, 4, generator=generator),
+              "video": torch.randn(2, 48, 3, 2, 4, generator=generator), "video_timestep": torch.tensor([700.0, 250.0]),
+              "video_context": torch.randn(2, 7, 4096, generator=generator)}
     with torch.no_grad():
-        velocity = transformer(hidden_states=inputs["latents"], timestep=inputs["timestep"],
-                               encoder_hidden_states=inputs["context"], return_dict=False)[0]
-    save_file({**inputs, "velocity": velocity}, str(path))
+        outputs = {"velocity": transformer(hidden_states=inputs["latents"], timestep=inputs["timestep"],
+                                           encoder_hidden_states=inputs["context"], return_dict=False)[0]}
+        ours = SDVGenWanTransformer3DModel.from_config(transformer.config).eval()
+        ours.load_state_dict(transformer.state_dict())
+        load_lora(ours, lora, strength=LORA_STRENGTH)
+        for mode in ("video", "clean"):
+            outputs[f"adapter_{mode}"] = ours(
+                inputs["video"], inputs["video_timestep"], inputs["video_context"],
+                reference_latents=inputs["reference"].expand(2, -1, -1, -1, -1), reference_timestep=mode,
+            ).sample
+    save_file({**inputs, **outputs}, str(path))
 
 
-def write_tiny_wan_lora(path: Path) -> int:
-    """A rank-4 LoRA with non-zero up weights in the diffusers key layout; returns its module count."""
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-    from safetensors.torch import save_file
+def write_tiny_wan_lora(path: Path) -> tuple[Path, int]:
+    """Our Wan LoRA (rank 4, alpha 8, random non-zero weights) on the tiny model, saved by sdvgen_core in the
+    diffusers key layout, and its native-key copy for core LoraLoaderModelOnly; returns that copy and the
+    module count."""
+    from sdvgen_core.lora import WAN_LORA_TARGET_MODULES
+    from sdvgen_core.wan_lora import export_wan_lora_for_comfyui
+    from tiny_lora import write_random_lora
 
     transformer = tiny_diffusers_wan(seed=0)
-    transformer = inject_adapter_in_model(
-        LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False), transformer)
-    state = {f"transformer.{key}": value.contiguous() for key, value in get_peft_model_state_dict(transformer).items()}
-    save_file(state, str(path))
-    return len(state) // 2
+    write_random_lora(transformer, path, seed=3, alpha=8, target_modules=WAN_LORA_TARGET_MODULES, std=0.05)
+    native = export_wan_lora_for_comfyui(path, path.with_name(f"{path.stem}_comfyui.safetensors"))
+    return native, sum(".lora_A." in name for name, _ in transformer.named_parameters())
 
 
 @pytest.fixture(scope="module")
 def host_results(tmp_path_factory):
     work = tmp_path_factory.mktemp("comfyui-wan")
     lora = work / "sdvgen_wan22_lora.safetensors"
-    modules = write_tiny_wan_lora(lora)
-    write_diffusers_reference(work / "models", work / "diffusers_reference.safetensors")
+    native_lora, modules = write_tiny_wan_lora(lora)
+    write_diffusers_reference(work / "models", work / "diffusers_reference.safetensors", lora)
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     run = subprocess.run(
         [python, str(Path(__file__).with_name("comfyui_wan_host_checks.py")), str(Path(COMFYUI_ROOT).resolve()),
-         str(REPO), str(work), str(lora)],
+         str(REPO), str(work), str(lora), str(native_lora), str(LORA_STRENGTH)],
         cwd=work, capture_output=True, text=True, timeout=900,
     )
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULTS ")]
@@ -113,14 +130,17 @@ def test_comfyuis_model_on_weights_renamed_from_diffusers_predicts_as_diffusers(
     assert result["max_error"] <= 1e-4 * result["scale"], result
 
 
-def test_core_cannot_map_the_diffusers_lora_but_our_loader_maps_every_key(host_results):
+def test_core_lora_loader_takes_the_native_copy_and_ours_the_diffusers_file_identically(host_results):
     modules = host_results["written_lora_modules"]
     # per block: self- and cross-attention q, k, v, o and the two FFN layers; plus patch and text embeddings
     assert modules == host_results["lora_modules"] == 2 * 10 + 3
     assert host_results["core_mapped_modules"] == 0  # ComfyUI 0.3.64 has no diffusers-Wan LoRA key map
+    assert host_results["native_copy_mapped_modules"] == modules  # ...but maps every key of the native copy
     assert host_results["converted_mapped_modules"] == modules
-    # the patched weights are W + strength * B @ A for every module, as ComfyUI applies them
+    # the patched weights are W + strength * B @ A for every module, through either loader, and the same
+    assert host_results["core_loader_weight_max_error"] < 1e-5
     assert host_results["lora_weight_max_error"] < 1e-5
+    assert host_results["loaders_differ_at"] == []
 
 
 @pytest.mark.parametrize("mode", ["video", "clean"])
@@ -129,6 +149,19 @@ def test_patched_prediction_equals_the_core_model_on_reference_and_video(host_re
     assert result["shape"] == [2, 48, 3, 2, 4]  # frames 1..T only
     assert result["max_error"] <= 1e-4 * result["scale"], result
     assert result["differs_from_unpatched"] > 1e-3  # the reference really enters the model
+
+
+@pytest.mark.parametrize("mode", ["video", "clean"])
+def test_patched_native_prediction_equals_our_diffusers_adapter(host_results, mode):
+    """The issue's cross-check: ComfyUI's model on diffusers' weights, with our native LoRA copy through core
+    LoraLoaderModelOnly and our reference patch, predicts what SDVGenWanTransformer3DModel with the diffusers-layout
+    LoRA predicts on the same reference latent, video, timesteps and text."""
+    result = host_results["native_vs_diffusers_adapter"][mode]
+    assert result["shape"] == [2, 48, 3, 2, 4]
+    assert result["max_error"] <= 1e-4 * result["scale"], result
+    assert result["lora_changes_prediction"] > 1e-3 and result["reference_changes_prediction"] > 1e-3
+    # the modes really differ, so each is pinned to its own diffusers-side counterpart
+    assert host_results["native_vs_diffusers_adapter"]["modes_differ_by"] > 100 * result["max_error"]
 
 
 def test_ksampler_samples_the_patched_model_with_lora_other_wrappers_and_cfg(host_results):

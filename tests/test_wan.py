@@ -13,7 +13,7 @@ from diffusers import WanPipeline, WanTransformer3DModel
 from sdvgen_core.backbones import detect_family, get_backbone, load_pipeline
 from sdvgen_core.cli import main
 from sdvgen_core.errors import GenerationCancelled, LoraLoadError, ModelLoadError, SDVGenError
-from sdvgen_core.lora import DEFAULT_ADAPTER, WAN_LORA_TARGET_MODULES, make_lora_config, read_lora_file, save_lora
+from sdvgen_core.lora import WAN_LORA_TARGET_MODULES, read_lora_file
 from sdvgen_core.pipeline import SDVGenPipeline
 from sdvgen_core.presets import write_t5_tokenizer
 from sdvgen_core.prompts import CLS_TOKEN
@@ -22,7 +22,7 @@ from sdvgen_core.wan_pipeline import SDVGenWanPipeline
 from sdvgen_core.wan_presets import TinyWanConfig, build_tiny_wan_model
 from sdvgen_core.wan_transformer import SDVGenWanTransformer3DModel
 
-from tiny_lora import write_tiny_lora
+from tiny_lora import write_random_lora, write_tiny_lora
 
 SIZE = {"height": 64, "width": 96, "num_frames": 5}  # 2 latent frames of 4 x 6, 6 tokens per frame
 TRANSFORMER_CONFIG = dict(
@@ -240,13 +240,7 @@ def test_bad_generation_arguments(wan_pipe, subject_image, kwargs, message):
 
 def _write_wan_lora(model_dir, path) -> Path:
     transformer = SDVGenWanTransformer3DModel.from_pretrained(model_dir, subfolder="transformer")
-    transformer.add_adapter(make_lora_config(rank=4, alpha=8, target_modules=WAN_LORA_TARGET_MODULES), DEFAULT_ADAPTER)
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if ".lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return save_lora(transformer, path, dtype=torch.float32)
+    return write_random_lora(transformer, path, seed=7, alpha=8, target_modules=WAN_LORA_TARGET_MODULES)
 
 
 def test_wan_lora_file_layout_and_equal_outputs_in_ours_and_diffusers(wan_model_dir, tmp_path, subject_image):
@@ -339,7 +333,10 @@ def test_comfyui_copy_has_native_wan_names_that_diffusers_maps_back(wan_model_di
     assert "diffusion_model.blocks.0.self_attn.q.lora_A.weight" in native
     assert "diffusion_model.blocks.1.cross_attn.o.lora_B.weight" in native
     assert "diffusion_model.text_embedding.0.lora_A.weight" in native and len(native) == len(ours)
-    # diffusers converts every native Wan name but the patch embedding; the rest must come back unchanged
+    # diffusers converts every native Wan name but the patch embedding (a native file with one is refused, which
+    # is why the diffusers layout stays canonical); the rest must come back unchanged
+    with pytest.raises(ValueError, match="patch_embedding"):
+        _convert_non_diffusers_wan_lora_to_diffusers(dict(native))
     convertible = {k: v for k, v in native.items() if ".patch_embedding." not in k}
     back = _convert_non_diffusers_wan_lora_to_diffusers(convertible)
     expected = {k: v for k, v in ours.items() if ".patch_embedding." not in k}

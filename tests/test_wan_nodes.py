@@ -9,13 +9,10 @@ import torch
 
 import nodes
 from nodes.wan import WanCLSTextEncode, WanLoraLoader, WanSubjectReference
-from nodes.wan_patch import (
-    ReferenceTokensWrapper,
-    diffusers_wan_lora_to_native,
-    insert_token_for_marker,
-    wan22_latent_shape,
-)
+from nodes.wan_patch import ReferenceTokensWrapper, insert_token_for_marker, wan22_latent_shape
 from sdvgen_core import LoraLoadError, SDVGenError
+from sdvgen_core.wan_lora import diffusers_wan_lora_to_native, native_weight_name
+from sdvgen_core.wan_transformer import DEFAULT_REFERENCE_TIMESTEP, ReferenceTimestep
 
 WAN_NODES = (WanSubjectReference, WanCLSTextEncode, WanLoraLoader)
 
@@ -143,17 +140,21 @@ def test_a_cogvideox_lora_is_a_clear_error():
 def test_every_diffusers_wan_weight_has_one_native_name():
     from diffusers import WanTransformer3DModel
 
-    from nodes.wan_patch import native_wan_key
-
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=1, attention_head_dim=128, in_channels=48, out_channels=48,
         text_dim=4096, freq_dim=256, ffn_dim=256, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads")
-    names = {key: native_wan_key(key) for key in transformer.state_dict()}
-    assert None not in names.values() and len(set(names.values())) == len(names)
+    names = {key: native_weight_name(key) for key in transformer.state_dict()}
+    assert len(set(names.values())) == len(names)
     assert names["blocks.1.norm2.weight"] == "blocks.1.norm3.weight"
     assert names["blocks.1.scale_shift_table"] == "blocks.1.modulation"
     assert names["scale_shift_table"] == "head.modulation"
     assert names["condition_embedder.time_proj.bias"] == "time_projection.1.bias"
+
+
+def test_node_offers_the_cores_reference_timesteps_with_the_cores_default():
+    choices, options = WanSubjectReference.INPUT_TYPES()["required"]["reference_timestep"]
+    assert sorted(choices) == sorted(mode.value for mode in ReferenceTimestep)
+    assert options["default"] == DEFAULT_REFERENCE_TIMESTEP.value == "clean"
 
 
 def test_validation_leaves_linked_inputs_to_the_run():

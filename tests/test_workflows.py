@@ -109,7 +109,7 @@ def test_workflow_is_ready_to_share(path, object_info):
         assert (values["steps"], values["cfg"], values["denoise"]) == (50, 5.0, 1.0)
     for reference in by_type.get("SDVGenWanSubjectReference", []):
         values = widget_values_by_name(reference, object_info["SDVGenWanSubjectReference"])
-        assert (values["width"], values["height"], values["length"], values["reference_timestep"]) == (1280, 704, 121, "video")
+        assert (values["width"], values["height"], values["length"], values["reference_timestep"]) == (1280, 704, 121, "clean")
     for node_type, (widget, folder) in WAN_FILE_FOLDERS.items():
         for loader in by_type.get(node_type, []):
             assert widget_values_by_name(loader, object_info[node_type])[widget] in notes and folder in notes, node_type
