@@ -111,10 +111,11 @@ def text_encoder_files() -> dict[str, Path]:
 def t5_tokenizer_dir() -> Path | None:
     """The T5 tokenizer ComfyUI ships (`comfy/text_encoders/t5_tokenizer`), or None outside ComfyUI."""
     comfy = comfy_module("comfy")
-    if comfy is None or not getattr(comfy, "__file__", None):
-        return None
-    folder = Path(comfy.__file__).parent / "text_encoders" / "t5_tokenizer"
-    return folder if folder.is_dir() else None
+    for root in getattr(comfy, "__path__", []):  # `comfy` is a namespace package (no __init__.py, no __file__)
+        folder = Path(root) / "text_encoders" / "t5_tokenizer"
+        if folder.is_dir():
+            return folder
+    return None
 
 
 def where(folder_name: str) -> str:
