@@ -38,6 +38,12 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="CogVideoX-5B folder in diffusers layout (THUDM/CogVideoX-5b)")
     source.add_argument("--preset", choices=["tiny"], help=f"embedded model ({TINY_LABEL})")
+    p.add_argument("--text-encoder", default=None,
+                   help="single-file T5-XXL .safetensors (t5xxl_fp16 / _fp8_e4m3fn / _fp8_e4m3fn_scaled, as in "
+                        "ComfyUI's models/text_encoders) instead of the model folder's text_encoder/")
+    p.add_argument("--tokenizer", default=None,
+                   help="T5 tokenizer folder for a model folder without tokenizer/ (e.g. ComfyUI's "
+                        "comfy/text_encoders/t5_tokenizer)")
     p.add_argument("--lora", default=None, help="SDV-Gen LoRA .safetensors (the authors' release or ours)")
     p.add_argument("--lora-strength", type=float, default=1.0, help="LoRA strength (default: %(default)s)")
     p.add_argument("--fuse-lora", action="store_true", help="merge the LoRA into the weights (faster steps)")
@@ -98,7 +104,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     pipe = SDVGenPipeline.from_model_dir(
         model_dir, dtype=precision, lora_path=args.lora, lora_strength=args.lora_strength,
-        fuse_lora=args.fuse_lora, scheduler=args.scheduler,
+        fuse_lora=args.fuse_lora, scheduler=args.scheduler, text_encoder_file=args.text_encoder,
+        fallback_tokenizer_dir=args.tokenizer,
     )
     pipe.set_memory_mode(args.memory_mode, device)
     logger.info("prompt: %s", prompt)

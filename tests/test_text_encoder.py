@@ -157,3 +157,20 @@ def test_comfyui_tokenizer_gets_cls_on_the_checkpoints_unused_row(tmp_path):
     assert (info.token_id, info.row) == (32100, "existing")
     assert loaded.get_input_embeddings().num_embeddings == 32128
     assert tokenizer("a <cls> dog").input_ids.count(32100) == 1
+
+
+def test_cli_runs_a_wrapper_folder_with_a_text_encoder_file(wrapper_model, tmp_path, capsys):
+    from PIL import Image
+
+    from sdvgen_core.cli import main
+
+    folder, t5_file, tokenizer_dir = wrapper_model
+    ref = tmp_path / "subject.png"
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(ref)
+    out = tmp_path / "video.mp4"
+    common = ["generate", "--model", str(folder), "--ref", str(ref), "--prompt", "a dog runs", "--subject", "dog",
+              "--width", "64", "--height", "48", "--frames", "5", "--steps", "1", "--out", str(out)]
+    assert main(common) == 2
+    assert "models/text_encoders" in capsys.readouterr().err and not out.exists()
+    assert main([*common, "--text-encoder", str(t5_file), "--tokenizer", str(tokenizer_dir)]) == 0
+    assert out.stat().st_size > 0
