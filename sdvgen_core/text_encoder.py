@@ -112,6 +112,7 @@ def load_t5_encoder_file(path: str | os.PathLike, dtype: torch.dtype) -> T5Encod
         raise ModelLoadError(f"text encoder file {str(path)!r} is not a readable safetensors file: {error}") from error
     state["encoder.embed_tokens.weight"] = state["shared.weight"]
     model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()  # one Parameter for both names, as from_pretrained leaves it (resizing keeps them tied)
     model.eval().requires_grad_(False)
     logger.info("loaded T5 encoder (%d layers, d_model %d%s) from %s", config.num_layers, config.d_model,
                 ", fp8 scaled" if scaled else "", path)
