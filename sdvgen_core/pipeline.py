@@ -136,8 +136,9 @@ class SDVGenPipeline(CogVideoXPipeline):
                 )
             tokenizer_dir = Path(fallback_tokenizer_dir)
         with init_empty_weights():
-            check_weight_shapes(root / "transformer", SDVGenTransformer3DModel.from_config(
-                read_json(root / "transformer" / "config.json")))
+            meta_transformer = SDVGenTransformer3DModel.from_config(read_json(root / "transformer" / "config.json"))
+            meta_transformer.check_supported()
+            check_weight_shapes(root / "transformer", meta_transformer)
             check_weight_shapes(root / "vae", AutoencoderKLCogVideoX.from_config(read_json(root / "vae" / "config.json")))
             if text_encoder_file is None:
                 text_config = T5Config.from_dict(read_json(root / "text_encoder" / "config.json"))
@@ -158,11 +159,10 @@ class SDVGenPipeline(CogVideoXPipeline):
             vae = AutoencoderKLCogVideoX.from_pretrained(
                 root, subfolder="vae", torch_dtype=torch_dtype, use_safetensors=True
             )
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        except (OSError, ValueError, KeyError, TypeError) as error:
             if isinstance(error, ModelLoadError):
                 raise
             raise ModelLoadError(f"cannot load the model in {str(root)!r}: {error}") from error
-        transformer.check_supported()
         pipe = cls(tokenizer, text_encoder, vae, transformer, scheduler_model)
         if lora_path is not None:
             pipe.set_lora(lora_path, lora_strength, fuse=fuse_lora)
