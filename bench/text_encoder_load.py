@@ -61,13 +61,13 @@ print(json.dumps({"seconds": seconds, "peak_mib": peak_kib / 1024,
 def t5_encoder(model: str):
     from transformers import T5Config, T5EncoderModel
 
-    from sdvgen_core.presets import build_tiny_model
+    from sdvgen_core.presets import EXTRA_IDS, TINY_TEXT_DIM, UNUSED_TABLE_ROWS, TinyModelConfig
 
     torch.manual_seed(0)
-    if model == "tiny":
-        folder = Path(tempfile.mkdtemp()) / "tiny"
-        build_tiny_model(folder)
-        return T5EncoderModel.from_pretrained(folder / "text_encoder")
+    if model == "tiny":  # sized like the tiny preset's T5 (presets.build_tiny_model), without building the rest
+        rows = TinyModelConfig().spm_vocab_size + EXTRA_IDS + UNUSED_TABLE_ROWS
+        return T5EncoderModel(T5Config(vocab_size=rows, d_model=TINY_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2,
+                                       num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu"))
     # T5-XXL's vocabulary and layout at width 512, 4 layers: large enough that reading and casting dominate.
     return T5EncoderModel(T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=4, num_heads=8,
                                    feed_forward_proj="gated-gelu"))
