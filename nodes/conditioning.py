@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import validation
 from .core import core_module, sdvgen_core
 from .types import CATEGORY, CONDITIONING, FIT_MODES, MAX_SIZE, PIPE, REFERENCE, SIZE_STEP
 
@@ -65,6 +66,19 @@ class CLSPrompt:
     FUNCTION = "encode"
     CATEGORY = CATEGORY
     DESCRIPTION = "Encodes the prompt with the <cls> subject token and shows the final prompt text."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompt, subject):
+        # One concern, where <cls> goes: an empty prompt or a subject word missing from it.
+        if prompt is None or subject is None:  # fed by a link: known only when running
+            return True
+        if not prompt.strip():
+            return "prompt is empty; describe what the subject does"
+        try:
+            sdvgen_core.insert_cls(prompt.strip(), subject)
+        except sdvgen_core.SDVGenError as error:
+            return str(error)
+        return True
 
     def encode(self, model, prompt, subject, negative_prompt):
         if not prompt.strip():
@@ -147,6 +161,11 @@ class SubjectReferenceEncode:
     FUNCTION = "encode"
     CATEGORY = CATEGORY
     DESCRIPTION = "Fits the subject photo to the video size, blanks its background and encodes it with the VAE."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height):
+        # The video size for the whole graph: the sampler takes it from this node's reference.
+        return validation.result(validation.video_size(width, height))
 
     def encode(self, model, image, width, height, fit, mask=None):
         import torch

@@ -2,7 +2,7 @@
 
 Every function works without ComfyUI (plain Python, tests, scripts): the host modules are imported
 lazily and, when they are absent, folders come from `SDVGEN_MODELS_DIR` (default `./models`, same
-`CogVideo/`, `diffusers/`, `loras/` layout as ComfyUI), progress is tqdm's inside the pipeline, there is
+`CogVideo/`, `diffusers/`, `loras/`, `CogVideo/loras/`, `text_encoders/`, `clip/` layout as ComfyUI), progress is tqdm's inside the pipeline, there is
 no interrupt and the device is CUDA when available.
 """
 
@@ -18,6 +18,12 @@ from types import ModuleType
 MODEL_FOLDER = "CogVideo"
 MODEL_FOLDER_NAMES = (MODEL_FOLDER, "diffusers")
 LORA_FOLDER = "loras"
+# The CogVideoX node pack keeps LoRAs in models/CogVideo/loras under this folder name; registered the same way.
+COGVIDEO_LORA_FOLDER = "cogvideox_loras"
+COGVIDEO_LORA_PATH = (MODEL_FOLDER, "loras")
+LORA_FOLDER_NAMES = (LORA_FOLDER, COGVIDEO_LORA_FOLDER)
+# Single-file text encoders (T5-XXL): ComfyUI's text_encoders folder and its older name clip.
+TEXT_ENCODER_FOLDER_NAMES = ("text_encoders", "clip")
 MODELS_DIR_ENV = "SDVGEN_MODELS_DIR"
 
 
@@ -30,17 +36,21 @@ def comfy_module(name: str) -> ModuleType | None:
 
 
 def register_model_folder() -> None:
-    """Make `models/CogVideo` a ComfyUI model folder (a no-op outside ComfyUI)."""
+    """Make `models/CogVideo` and `models/CogVideo/loras` ComfyUI model folders (a no-op outside ComfyUI)."""
     folder_paths = comfy_module("folder_paths")
-    if folder_paths is not None:
-        folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
+    if folder_paths is None:
+        return
+    folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
+    if COGVIDEO_LORA_FOLDER not in folder_paths.folder_names_and_paths:  # the CogVideoX pack may have done it
+        folder_paths.add_model_folder_path(COGVIDEO_LORA_FOLDER, os.path.join(folder_paths.models_dir, *COGVIDEO_LORA_PATH))
 
 
 def folder_paths_for(name: str) -> list[Path]:
     """Search paths of the model folder `name`: ComfyUI's (extra_model_paths.yaml included) or `$SDVGEN_MODELS_DIR/name`."""
     folder_paths = comfy_module("folder_paths")
     if folder_paths is None:
-        return [Path(os.environ.get(MODELS_DIR_ENV, "models")) / name]
+        models = Path(os.environ.get(MODELS_DIR_ENV, "models"))
+        return [models.joinpath(*COGVIDEO_LORA_PATH) if name == COGVIDEO_LORA_FOLDER else models / name]
     try:
         return [Path(path) for path in folder_paths.get_folder_paths(name)]
     except KeyError:
@@ -60,17 +70,52 @@ def model_dirs() -> dict[str, Path]:
     return found
 
 
-def lora_files() -> dict[str, Path]:
-    """`.safetensors` files in the LoRA folders by dropdown label (path relative to the folder)."""
+def safetensors_files(folder_names: tuple[str, ...]) -> dict[str, Path]:
+    """`.safetensors` files in the model folders `folder_names` by dropdown label, each file once.
+
+    Labels are paths relative to the folder (as ComfyUI's own loaders show them); a file reached through
+    two folders (ComfyUI maps `clip` onto `text_encoders`, a symlink, an extra_model_paths entry) is
+    listed once; a different file with a label already taken keeps its folder name in front.
+    """
     folder_paths = comfy_module("folder_paths")
-    if folder_paths is not None:
-        names = [name for name in folder_paths.get_filename_list(LORA_FOLDER) if name.endswith(".safetensors")]
-        return {name: Path(folder_paths.get_full_path(LORA_FOLDER, name)) for name in names}
     found: dict[str, Path] = {}
-    for root in folder_paths_for(LORA_FOLDER):
-        for path in sorted(root.rglob("*.safetensors")):
-            found.setdefault(path.relative_to(root).as_posix(), path)
+    seen: set[Path] = set()
+    for folder_name in folder_names:
+        if folder_paths is not None:
+            try:
+                names = folder_paths.get_filename_list(folder_name)
+            except KeyError:  # folder not registered in this host
+                continue
+            files = [(name, Path(folder_paths.get_full_path(folder_name, name))) for name in names]
+        else:
+            files = [(path.relative_to(root).as_posix(), path)
+                     for root in folder_paths_for(folder_name) for path in sorted(root.rglob("*.safetensors"))]
+        for label, path in files:
+            if not label.endswith(".safetensors") or path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
+            found[label if label not in found else f"{folder_name}/{label}"] = path
     return found
+
+
+def lora_files() -> dict[str, Path]:
+    """LoRA files from `models/loras` and `models/CogVideo/loras` by dropdown label."""
+    return safetensors_files(LORA_FOLDER_NAMES)
+
+
+def text_encoder_files() -> dict[str, Path]:
+    """Single-file text encoders from `models/text_encoders` and `models/clip` by dropdown label."""
+    return safetensors_files(TEXT_ENCODER_FOLDER_NAMES)
+
+
+def t5_tokenizer_dir() -> Path | None:
+    """The T5 tokenizer ComfyUI ships (`comfy/text_encoders/t5_tokenizer`), or None outside ComfyUI."""
+    comfy = comfy_module("comfy")
+    for root in getattr(comfy, "__path__", []):  # `comfy` is a namespace package (no __init__.py, no __file__)
+        folder = Path(root) / "text_encoders" / "t5_tokenizer"
+        if folder.is_dir():
+            return folder
+    return None
 
 
 def where(folder_name: str) -> str:

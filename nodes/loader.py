@@ -15,10 +15,10 @@ import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import host
+from . import host, validation
 from .core import sdvgen_core
 from .preview import fit_latent_to_rgb
-from .types import CATEGORY, MEMORY_MODES, NO_LORA, PIPE, PRECISIONS
+from .types import CATEGORY, FROM_MODEL_FOLDER, MEMORY_MODES, NO_LORA, PIPE, PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class BaseSettings:
     model_dir: Path
     precision: str  # resolved: bf16, fp16 or fp32
     device: str
+    text_encoder: Path | None = None  # a single-file T5 replacing the folder's text_encoder/
 
 
 class PipelineCache:
@@ -65,7 +66,10 @@ class PipelineCache:
         del pipeline
         self.clear()
         host.free_host_memory(unload_models=True)
-        pipeline = sdvgen_core.SDVGenPipeline.from_model_dir(base.model_dir, dtype=base.precision)
+        pipeline = sdvgen_core.SDVGenPipeline.from_model_dir(
+            base.model_dir, dtype=base.precision, text_encoder_file=base.text_encoder,
+            fallback_tokenizer_dir=host.t5_tokenizer_dir(),
+        )
         if host.preview_max_size():
             # Fitted now, while the weights are on the CPU: mid-sampling it would push the transformer off the GPU.
             self.preview_factors = fit_latent_to_rgb(pipeline.vae)
@@ -123,7 +127,8 @@ class SDVGenModel:
 def missing_model_message(name: str) -> str:
     return (
         f"model folder {name!r} not found. Put CogVideoX-5B in diffusers layout (THUDM/CogVideoX-5b, the folder "
-        f"holding transformer/ vae/ text_encoder/ tokenizer/ scheduler/) into {host.where(host.MODEL_FOLDER)} "
+        f"holding transformer/ vae/ scheduler/, and text_encoder/ tokenizer/ unless a text encoder file is chosen) "
+        f"into {host.where(host.MODEL_FOLDER)} "
         f"(or {host.where('diffusers')}), then refresh the node list (R) and pick it"
     )
 
@@ -131,7 +136,15 @@ def missing_model_message(name: str) -> str:
 def missing_lora_message(name: str) -> str:
     return (
         f"LoRA file {name!r} not found. Put the .safetensors file (the authors' release is {RELEASED_LORA}) into "
-        f"{host.where(host.LORA_FOLDER)}, then refresh the node list (R), or choose {NO_LORA!r}"
+        f"{host.where(host.LORA_FOLDER)} (or {host.where(host.COGVIDEO_LORA_FOLDER)}), then refresh the node list (R), "
+        f"or choose {NO_LORA!r}"
+    )
+
+
+def missing_text_encoder_message(name: str) -> str:
+    return (
+        f"text encoder file {name!r} not found. Put a T5-XXL .safetensors file (e.g. t5xxl_fp16.safetensors) into "
+        f"{host.where('text_encoders')}, then refresh the node list (R), or choose {FROM_MODEL_FOLDER!r}"
     )
 
 
@@ -145,12 +158,14 @@ class LoadSDVLoRA:
             "required": {
                 "model": (sorted(host.model_dirs()), {
                     "tooltip": "CogVideoX-5B in diffusers layout: a folder in models/CogVideo (or models/diffusers) "
-                               "holding transformer/, vae/, text_encoder/, tokenizer/ and scheduler/.",
+                               "holding transformer/, vae/, scheduler/ and, unless a text_encoder file is chosen, "
+                               "text_encoder/ and tokenizer/.",
                 }),
                 "lora": ([NO_LORA, *sorted(host.lora_files())], {
                     "default": NO_LORA,
-                    "tooltip": f"SDV-Gen LoRA from models/loras (the authors' release: {RELEASED_LORA}). "
-                               f"'{NO_LORA}' runs the base model, which was not trained on reference tokens.",
+                    "tooltip": f"SDV-Gen LoRA from models/loras or models/CogVideo/loras (the authors' release: "
+                               f"{RELEASED_LORA}). '{NO_LORA}' runs the base model, which was not trained on "
+                               f"reference tokens.",
                 }),
                 "lora_strength": ("FLOAT", {
                     "default": 1.0, "min": -2.0, "max": 2.0, "step": 0.05,
@@ -172,7 +187,16 @@ class LoadSDVLoRA:
                     "default": False,
                     "tooltip": "Merge the LoRA into the weights: faster steps; changing strength then re-merges.",
                 }),
-            }
+            },
+            "optional": {
+                "text_encoder": ([FROM_MODEL_FOLDER, *sorted(host.text_encoder_files())], {
+                    "default": FROM_MODEL_FOLDER,
+                    "tooltip": "T5-XXL text encoder: the model folder's text_encoder/, or a single file from "
+                               "models/text_encoders (or models/clip): t5xxl_fp16, t5xxl_fp8_e4m3fn or "
+                               "t5xxl_fp8_e4m3fn_scaled, computed in the chosen precision. Needed for folders "
+                               "without text_encoder/ (as the CogVideoX node pack downloads them).",
+                }),
+            },
         }
 
     RETURN_TYPES = (PIPE,)
@@ -183,15 +207,13 @@ class LoadSDVLoRA:
     DESCRIPTION = "Loads CogVideoX-5B and the SDV-Gen LoRA for zero-shot subject-driven video."
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model, lora):
-        # Replaces ComfyUI's "value not in list" for these two dropdowns with messages saying where files go.
-        if model not in host.model_dirs():
-            return missing_model_message(model)
-        if lora != NO_LORA and lora not in host.lora_files():
-            return missing_lora_message(lora)
-        return True
+    def VALIDATE_INPUTS(cls, lora_strength):
+        # Only lora_strength (see validation.py): the model / lora / text_encoder dropdowns keep ComfyUI's own
+        # per-input "value not in list" check; load() says where missing files go and checks the folder
+        # before loading anything.
+        return validation.result(validation.finite("lora_strength", lora_strength))
 
-    def load(self, model, lora, lora_strength, precision, memory_mode, fuse_lora):
+    def load(self, model, lora, lora_strength, precision, memory_mode, fuse_lora, text_encoder=FROM_MODEL_FOLDER):
         model_dirs = host.model_dirs()
         if model not in model_dirs:
             raise sdvgen_core.ModelLoadError(missing_model_message(model))
@@ -200,11 +222,18 @@ class LoadSDVLoRA:
             lora_path = host.lora_files().get(lora)
             if lora_path is None:
                 raise sdvgen_core.LoraLoadError(missing_lora_message(lora))
+        text_encoder_path = None
+        if text_encoder != FROM_MODEL_FOLDER:
+            text_encoder_path = host.text_encoder_files().get(text_encoder)
+            if text_encoder_path is None:
+                raise sdvgen_core.ModelLoadError(missing_text_encoder_message(text_encoder))
+        if message := validation.finite("lora_strength", lora_strength):
+            raise sdvgen_core.SDVGenError(message)
         device = host.torch_device()
         if precision == "auto":
             precision = host.default_precision(device)
         handle = SDVGenModel(
-            base=BaseSettings(model_dirs[model], precision, str(device)),
+            base=BaseSettings(model_dirs[model], precision, str(device), text_encoder_path),
             lora=LoraSettings(lora_path, float(lora_strength), bool(fuse_lora)),
             memory_mode=memory_mode,
         )

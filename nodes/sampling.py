@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import host
+from . import host, validation
 from .core import sdvgen_core
 from .loader import PIPELINE_CACHE
 from .preview import fit_latent_to_rgb, latent_preview
@@ -101,10 +101,19 @@ class DualTaskSampler:
     CATEGORY = CATEGORY
     DESCRIPTION = "Generates a video of the reference subject doing what the prompt says (CogVideoX-5B + SDV-Gen)."
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, frames):
+        # Only frames (see validation.py); the size comes with the reference, checked on Subject Reference
+        # Encode. cfg and reference_guidance (NaN only via the API) are checked when the node starts.
+        return validation.result(validation.frame_count(frames))
+
     def sample(self, model, conditioning, reference, frames, steps, cfg, reference_guidance, seed, scheduler,
                dynamic_cfg):
         import torch
 
+        problem = validation.result(validation.finite("cfg", cfg), validation.finite("reference_guidance", reference_guidance))
+        if problem is not True:
+            raise sdvgen_core.SDVGenError(problem)
         check_same_model(model, "the conditioning", conditioning)
         check_same_model(model, "the reference", reference)
         pipeline = model.pipeline()
@@ -167,6 +176,11 @@ class SDVGenDecode:
     FUNCTION = "decode"
     CATEGORY = CATEGORY
     DESCRIPTION = "Decodes SDV-Gen video latents to frames with the CogVideoX VAE."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, tile_overlap):
+        # Tile sizes are INTs, kept in range by ComfyUI's min/max; a NaN overlap would pass those.
+        return validation.result(validation.finite("tile_overlap", tile_overlap))
 
     def decode(self, model, latent, tiled, tile_height, tile_width, tile_overlap):
         check_same_model(model, "the latent", latent)

@@ -14,6 +14,7 @@ LATENT = "SDVGEN_LATENT"
 CATEGORY = "sdvgen"
 
 NO_LORA = "none"
+FROM_MODEL_FOLDER = "from model folder"  # text encoder: the model folder's text_encoder/ + tokenizer/
 PRECISIONS = ["auto", "bf16", "fp16", "fp32"]  # auto: see host.default_precision
 MEMORY_MODES = ["on_device", "model_offload", "sequential_offload"]  # sdvgen_core.MemoryMode
 FIT_MODES = ["crop", "pad", "stretch"]  # sdvgen_core.FitMode

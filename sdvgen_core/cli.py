@@ -61,6 +61,12 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--preset", choices=["tiny", "tiny-wan"], help=f"embedded model ({TINY_LABEL}; {TINY_WAN_LABEL})")
     p.add_argument("--family", choices=["cogvideox", "wan22"], default=None,
                    help="backbone of --model (default: detected from transformer/config.json)")
+    p.add_argument("--text-encoder", default=None,
+                   help="single-file T5-XXL .safetensors (t5xxl_fp16 / _fp8_e4m3fn / _fp8_e4m3fn_scaled, as in "
+                        "ComfyUI's models/text_encoders) instead of the model folder's text_encoder/ (CogVideoX)")
+    p.add_argument("--tokenizer", default=None,
+                   help="T5 tokenizer folder for a model folder without tokenizer/ (e.g. ComfyUI's "
+                        "comfy/text_encoders/t5_tokenizer)")
     p.add_argument("--lora", default=None, help="SDV-Gen LoRA .safetensors (the authors' release or ours)")
     p.add_argument("--lora-strength", type=float, default=1.0, help="LoRA strength (default: %(default)s)")
     p.add_argument("--fuse-lora", action="store_true", help="merge the LoRA into the weights (faster steps)")
@@ -152,6 +158,7 @@ class GenerationPlan:
     family_options: dict[str, object]  # __call__ options only one backbone has (dynamic CFG, eta, ...)
     device: "torch.device"
     precision: str
+    load_options: dict[str, object]  # from_model_dir options only one backbone has (single-file T5, ...)
 
     def call_options(self, args: argparse.Namespace) -> dict[str, object]:
         """Keyword arguments for the pipeline's `__call__` that do not depend on the video being made."""
@@ -168,6 +175,7 @@ class GenerationPlan:
         pipe = load_pipeline(
             self.model_dir, self.backbone.family, dtype=self.precision, lora_path=args.lora,
             lora_strength=args.lora_strength, fuse_lora=args.fuse_lora, scheduler=args.scheduler,
+            **self.load_options,
         )
         pipe.set_memory_mode(args.memory_mode, self.device)
         return pipe
@@ -185,8 +193,17 @@ def plan_generation(args: argparse.Namespace) -> GenerationPlan:
     )
     from .wan_presets import TINY_WAN_GENERATION_DEFAULTS
 
-    model_dir = _tiny_model_dir(args.preset) if args.preset else check_model_dir(args.model)
+    model_dir = (
+        _tiny_model_dir(args.preset) if args.preset
+        else check_model_dir(args.model, text_encoder_file=args.text_encoder is not None)
+    )
     backbone = get_backbone(args.family or detect_family(model_dir))
+    load_options = {
+        name: value for name, value in
+        (("text_encoder_file", args.text_encoder), ("fallback_tokenizer_dir", args.tokenizer)) if value is not None
+    }
+    if load_options and backbone.family != "cogvideox":
+        raise SDVGenError(f"--text-encoder/--tokenizer (single-file T5-XXL) are for CogVideoX, not {backbone.label}")
     fallback = backbone.defaults
     defaults = {"height": fallback.height, "width": fallback.width, "num_frames": fallback.num_frames,
                 "num_inference_steps": fallback.num_inference_steps}
@@ -220,7 +237,7 @@ def plan_generation(args: argparse.Namespace) -> GenerationPlan:
         check_lora_header(args.lora)
     elif args.fuse_lora:
         raise SDVGenError("--fuse-lora needs --lora (there is no LoRA to fuse)")
-    return GenerationPlan(model_dir, backbone, settings, cfg, fps, family_options, device, precision)
+    return GenerationPlan(model_dir, backbone, settings, cfg, fps, family_options, device, precision, load_options)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -25,18 +25,20 @@ from diffusers import (
     CogVideoXPipeline,
 )
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
-from transformers import AutoTokenizer, T5EncoderModel
+from accelerate import init_empty_weights
+from transformers import T5Config, T5EncoderModel
 
 from .errors import ModelLoadError, NonFiniteError, SDVGenError
 from .lora import DEFAULT_ADAPTER, LoraFileInfo, apply_lora, check_lora_header, fuse_lora, prepare_lora, unfuse_lora
+from .model_files import check_model_dir, check_weight_shapes, read_json
 from .prompts import ClsTokenInfo, add_cls_token, encode_prompts
 from .reference import FitMode, ImageInput, encode_reference, prepare_reference_image
+from .text_encoder import load_t5_encoder_file, load_t5_tokenizer
 from .transformer import SDVGenTransformer3DModel
 from .validation import LORA_STRENGTH_RANGE, GenerationLimits, check_float, check_generation_settings, check_tiles, resolve_device
 
 logger = logging.getLogger(__name__)
 
-MODEL_SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SCHEDULERS = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}
 
@@ -78,29 +80,14 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def check_model_dir(model_dir: str | os.PathLike) -> Path:
-    """Raise `ModelLoadError` naming what is missing unless `model_dir` is a CogVideoX diffusers folder with safetensors."""
-    root = Path(model_dir)
-    if not root.is_dir():
+def check_tokenizer_fits(tokenizer, text_encoder: T5EncoderModel, tokenizer_dir: Path) -> None:
+    """The tokenizer's ids must index the text encoder's table (one row short is fine: `<cls>` gets one)."""
+    rows = text_encoder.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
         raise ModelLoadError(
-            f"model folder {str(root)!r} does not exist; download CogVideoX-5B in diffusers layout "
-            f"(THUDM/CogVideoX-5b) and point to the folder that holds {', '.join(MODEL_SUBFOLDERS)}"
+            f"the tokenizer in {str(tokenizer_dir)!r} has {len(tokenizer)} tokens but the text encoder only {rows} "
+            f"embedding rows; they belong to different models"
         )
-    missing = [name for name in MODEL_SUBFOLDERS if not (root / name).is_dir()]
-    if missing:
-        raise ModelLoadError(
-            f"model folder {str(root)!r} lacks the subfolder(s) {missing}; expected the diffusers layout "
-            f"{list(MODEL_SUBFOLDERS)} (as in THUDM/CogVideoX-5b)"
-        )
-    for name in ("transformer", "vae", "text_encoder"):
-        folder = root / name
-        if not (folder / "config.json").is_file():
-            raise ModelLoadError(f"{str(folder)!r} has no config.json; the model folder is incomplete")
-        if not any(folder.glob("*.safetensors")):
-            pickles = sorted(p.name for p in folder.glob("*.bin"))
-            hint = f" (found only pickle files {pickles}, which are never loaded)" if pickles else ""
-            raise ModelLoadError(f"{str(folder)!r} has no .safetensors weights{hint}; convert or re-download them")
-    return root
 
 
 def check_finite(tensor: torch.Tensor, what: str, hint: str) -> None:
@@ -234,12 +221,19 @@ class SDVGenPipeline(SDVGenPipelineMixin, CogVideoXPipeline):
         lora_strength: float = 1.0,
         fuse_lora: bool = False,
         scheduler: str = "ddim",
+        text_encoder_file: str | os.PathLike | None = None,
+        fallback_tokenizer_dir: str | os.PathLike | None = None,
     ) -> "SDVGenPipeline":
         """Load a CogVideoX diffusers folder (safetensors only) on the CPU, optionally with a LoRA.
 
-        Call `set_memory_mode` afterwards to place it on a device.
+        `text_encoder_file`: a single-file T5-XXL (plain, fp8 or ComfyUI's scaled fp8, see `text_encoder`)
+        used instead of the folder's `text_encoder/`, which may then be absent. The tokenizer is the folder's
+        `tokenizer/`, else `fallback_tokenizer_dir` (e.g. the T5 tokenizer shipped with ComfyUI). Everything
+        that can be checked without loading weights (folder layout, configs, LFS pointers, tokenizer
+        vocabulary, weight shapes against configs) is checked first. Call `set_memory_mode` afterwards to
+        place the pipeline on a device.
         """
-        root = check_model_dir(model_dir)
+        root = check_model_dir(model_dir, text_encoder_file=text_encoder_file is not None)
         torch_dtype = resolve_dtype(dtype)
         scheduler_class = SCHEDULERS.get(scheduler)
         if scheduler_class is None:
@@ -247,21 +241,43 @@ class SDVGenPipeline(SDVGenPipelineMixin, CogVideoXPipeline):
         if lora_path is not None:  # what can be checked without the model, before minutes of loading
             check_float("lora_strength", lora_strength, *LORA_STRENGTH_RANGE)
             check_lora_header(lora_path)
+        tokenizer_dir = root / "tokenizer"
+        if not tokenizer_dir.is_dir():
+            if fallback_tokenizer_dir is None:
+                raise ModelLoadError(
+                    f"model folder {str(root)!r} has no tokenizer/ for the text encoder file; add the tokenizer/ "
+                    f"subfolder of THUDM/CogVideoX-5b to it (inside ComfyUI the host's T5 tokenizer is used)"
+                )
+            tokenizer_dir = Path(fallback_tokenizer_dir)
+        with init_empty_weights():
+            meta_transformer = SDVGenTransformer3DModel.from_config(read_json(root / "transformer" / "config.json"))
+            meta_transformer.check_supported()
+            check_weight_shapes(root / "transformer", meta_transformer)
+            check_weight_shapes(root / "vae", AutoencoderKLCogVideoX.from_config(read_json(root / "vae" / "config.json")))
+            if text_encoder_file is None:
+                text_config = T5Config.from_dict(read_json(root / "text_encoder" / "config.json"))
+                check_weight_shapes(root / "text_encoder", T5EncoderModel(text_config))
+        tokenizer = load_t5_tokenizer(tokenizer_dir)
         try:
+            scheduler_model = scheduler_class.from_pretrained(root, subfolder="scheduler")
+            if text_encoder_file is not None:
+                text_encoder = load_t5_encoder_file(text_encoder_file, torch_dtype)
+            else:
+                text_encoder = T5EncoderModel.from_pretrained(
+                    root / "text_encoder", torch_dtype=torch_dtype, use_safetensors=True
+                )
+            check_tokenizer_fits(tokenizer, text_encoder, tokenizer_dir)
             transformer = SDVGenTransformer3DModel.from_pretrained(
                 root, subfolder="transformer", torch_dtype=torch_dtype, use_safetensors=True
             )
             vae = AutoencoderKLCogVideoX.from_pretrained(
                 root, subfolder="vae", torch_dtype=torch_dtype, use_safetensors=True
             )
-            text_encoder = T5EncoderModel.from_pretrained(
-                root / "text_encoder", torch_dtype=torch_dtype, use_safetensors=True
-            )
-            tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            if isinstance(error, ModelLoadError):
+                raise
             raise ModelLoadError(f"cannot load the model in {str(root)!r}: {error}") from error
-        transformer.check_supported()
-        pipe = cls(tokenizer, text_encoder, vae, transformer, scheduler_class.from_pretrained(root, subfolder="scheduler"))
+        pipe = cls(tokenizer, text_encoder, vae, transformer, scheduler_model)
         if lora_path is not None:
             pipe.set_lora(lora_path, lora_strength, fuse=fuse_lora)
         return pipe

@@ -25,6 +25,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
                            "--lora-rank", "4"], "generation_tiny_cpu"),
         ("train_steps.py", ["--model", "tiny", "--frames", "5", "--height", "32", "--width", "48", "--lora-rank", "4",
                             "--warmup", "0", "--repeats", "1", "--clips", "1"], "training_steps_tiny_cpu"),
+        ("text_encoder_load.py", ["--model", "tiny", "--repeats", "1"], "text_encoder_load_tiny_cpu"),
     ],
 )
 def test_bench_script_writes_results(tmp_path, script, args, name):

@@ -33,6 +33,7 @@ import av
 import pytest
 from PIL import Image, ImageSequence
 
+from comfy_t5 import wrapper_style_folder, write_comfy_t5
 from comfy_workflow import CORE_NODES, combo_choices, ordered_inputs, to_api
 from conftest import draw_subject
 from tiny_lora import write_tiny_lora
@@ -44,6 +45,11 @@ REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
 MODEL_NAME = "CogVideoX-5b"
 LORA_NAMES = ("sdvgen_lora.safetensors", "pytorch_lora_weights_transformer.safetensors")
+# As the CogVideoX node pack downloads it (no text_encoder/, tokenizer/), with a T5 file in models/text_encoders
+# and a LoRA in the pack's models/CogVideo/loras.
+WRAPPER_MODEL_NAME = "CogVideoX-5b-sdvgen-host-test-wrapper"
+T5_FILE_NAME = "sdvgen_host_test_t5xxl_fp8_e4m3fn_scaled.safetensors"
+COGVIDEO_LORA_NAME = "sdvgen_host_test_cogvideo_lora.safetensors"
 WIDTH, HEIGHT, FRAMES, STEPS = 64, 48, 9, 3  # small enough for the CPU, still 3 latent frames
 START_TIMEOUT, RUN_TIMEOUT = 300, 600
 
@@ -70,16 +76,21 @@ class ComfyUI:
         with urllib.request.urlopen(self.url + path, timeout=30) as response:
             return json.loads(response.read())
 
-    def post(self, path: str, payload: dict):
+    def post_status(self, path: str, payload: dict) -> tuple[int, dict | None]:
         request = urllib.request.Request(
             self.url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
         )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
-                body = response.read()
+                status, body = response.status, response.read()
         except urllib.error.HTTPError as error:
-            raise AssertionError(f"POST {path} -> {error.code}: {error.read().decode()}") from None
-        return json.loads(body) if body else None
+            status, body = error.code, error.read()
+        return status, json.loads(body) if body else None
+
+    def post(self, path: str, payload: dict):
+        status, body = self.post_status(path, payload)
+        assert status == 200, f"POST {path} -> {status}: {body}"
+        return body
 
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-6000:]
@@ -146,6 +157,18 @@ class EventListener(threading.Thread):
                     return
         except (OSError, ValueError):
             return
+
+
+def write_host_t5(model_dir: Path, path: Path) -> None:
+    """The tiny model's T5 with a table as long as T5-XXL's (32128 rows), so ComfyUI's own T5 tokenizer fits it,
+    as a ComfyUI fp8-scaled file."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config.from_pretrained(model_dir / "text_encoder")
+    config.vocab_size = 32128
+    torch.manual_seed(0)
+    write_comfy_t5(T5EncoderModel(config), path, "fp8_e4m3fn_scaled")
 
 
 def place(path: Path, created: list[Path]) -> Path:
@@ -215,6 +238,9 @@ def comfyui(tmp_path_factory):
                        capture_output=True)
         for seed, name in enumerate(LORA_NAMES, start=1):
             write_tiny_lora(model_dir, place(root / "models" / "loras" / name, created), seed=seed)
+        write_tiny_lora(model_dir, place(root / "models" / "CogVideo" / "loras" / COGVIDEO_LORA_NAME, created), seed=9)
+        wrapper_style_folder(model_dir, place(root / "models" / "CogVideo" / WRAPPER_MODEL_NAME, created))
+        write_host_t5(model_dir, place(root / "models" / "text_encoders" / T5_FILE_NAME, created))
         (work / "input").mkdir()
         (work / "user").mkdir()
         draw_subject(size=(120, 90), mode="RGBA").save(work / "input" / "subject.png")
@@ -240,7 +266,11 @@ def object_info(comfyui):
 def test_host_lists_our_nodes_and_tiny_files(object_info):
     assert object_info["SDVGenLoadLoRA"]["display_name"] == "Load SDV LoRA"
     loader = object_info["SDVGenLoadLoRA"]["input"]["required"]
-    assert MODEL_NAME in loader["model"][0] and set(LORA_NAMES) <= set(loader["lora"][0])
+    assert {MODEL_NAME, WRAPPER_MODEL_NAME} <= set(loader["model"][0])
+    assert {*LORA_NAMES, COGVIDEO_LORA_NAME} <= set(loader["lora"][0])
+    assert len(loader["lora"][0]) == len(set(loader["lora"][0]))
+    text_encoders = object_info["SDVGenLoadLoRA"]["input"]["optional"]["text_encoder"][0]
+    assert text_encoders[0] == "from model folder" and T5_FILE_NAME in text_encoders
     assert object_info["SDVGenDualTaskSampler"]["output"] == ["SDVGEN_LATENT"]
 
 
@@ -341,3 +371,63 @@ def test_cancel_stops_the_sampler(comfyui, object_info):
     # the host samples again afterwards (a new seed, so the sampler really runs)
     prompt[sampler]["inputs"].update(steps=STEPS, seed=8)
     assert comfyui.wait(comfyui.queue(prompt))["status"]["status_str"] == "success"
+
+
+def subject_to_video_prompt(object_info) -> dict:
+    return shrink(to_api(json.loads((WORKFLOWS / "sdvgen_subject_to_video.json").read_text()), object_info))
+
+
+def node_of(prompt: dict, class_type: str) -> str:
+    (node_id,) = [i for i, node in prompt.items() if node["class_type"] == class_type]
+    return node_id
+
+
+def test_wrapper_folder_with_the_single_file_text_encoder_runs(comfyui, object_info):
+    """The node pack's folder (no text_encoder/, tokenizer/) + a T5 file + ComfyUI's own T5 tokenizer."""
+    prompt = subject_to_video_prompt(object_info)
+    loader = node_of(prompt, "SDVGenLoadLoRA")
+    prompt[loader]["inputs"].update(model=WRAPPER_MODEL_NAME, text_encoder=T5_FILE_NAME, lora=COGVIDEO_LORA_NAME)
+    entry = comfyui.wait(comfyui.queue(prompt))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1) + comfyui.log_tail()
+    (text,) = [o["text"] for i, o in entry["outputs"].items() if prompt[i]["class_type"] == "PreviewAny"]
+    assert "<cls> robot" in text[0]
+
+
+def test_wrapper_folder_without_a_text_encoder_names_both_fixes(comfyui, object_info):
+    prompt = subject_to_video_prompt(object_info)
+    prompt[node_of(prompt, "SDVGenLoadLoRA")]["inputs"].update(model=WRAPPER_MODEL_NAME)
+    entry = comfyui.wait(comfyui.queue(prompt))
+    assert entry["status"]["status_str"] == "error"
+    error = dict(entry["status"]["messages"])["execution_error"]
+    assert error["node_type"] == "SDVGenLoadLoRA" and error["exception_type"].endswith("ModelLoadError")
+    assert "models/text_encoders" in error["exception_message"]
+    assert "text_encoder/ and tokenizer/" in error["exception_message"]
+
+
+@pytest.mark.parametrize("class_type, inputs, error_type, marked", [
+    ("SDVGenDualTaskSampler", {"frames": 48}, "custom_validation_failed", {"frames": "frames=48 must be 4k+1"}),
+    ("SDVGenDualTaskSampler", {"frames": 53}, "custom_validation_failed", {"frames": "frames=53 must be 4k+1"}),
+    ("SDVGenSubjectReferenceEncode", {"width": 700}, "custom_validation_failed",
+     {"width": "width=700 must be a multiple of 16", "height": "width=700 must be a multiple of 16"}),
+    ("SDVGenLoadLoRA", {"lora": "missing.safetensors"}, "value_not_in_list", {"lora": "missing.safetensors"}),
+    ("SDVGenLoadLoRA", {"lora_strength": float("nan")}, "custom_validation_failed",
+     {"lora_strength": "lora_strength=nan is not a finite number"}),
+])
+def test_bad_settings_are_refused_at_validation_on_their_widget(comfyui, object_info, class_type, inputs, error_type,
+                                                                marked):
+    prompt = subject_to_video_prompt(object_info)
+    node = node_of(prompt, class_type)
+    prompt[node]["inputs"].update(inputs)
+    status, body = comfyui.post_status("/prompt", {"prompt": prompt, "client_id": comfyui.client_id})
+    # 400 when no output survives; 200 when ComfyUI still runs the outputs that do not depend on the refused
+    # node (e.g. the prompt preview), without the refused node's outputs.
+    assert status in (200, 400), body
+    errors = body["node_errors"][node]["errors"]
+    assert {error["extra_info"]["input_name"] for error in errors} == set(marked), errors
+    for error in errors:
+        assert error["type"] == error_type
+        assert marked[error["extra_info"]["input_name"]] in error["details"], error
+    assert set(body["node_errors"]) == {node}  # nothing else blamed
+    if status == 200:
+        entry = comfyui.wait(body["prompt_id"])
+        assert not set(entry["outputs"]) & set(body["node_errors"][node]["dependent_outputs"])

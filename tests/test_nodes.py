@@ -6,6 +6,8 @@ Node outputs are checked against the pipeline called by hand with the same setti
 
 from __future__ import annotations
 
+import inspect
+import shutil
 import subprocess
 import sys
 import types
@@ -17,7 +19,9 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from transformers import T5EncoderModel
 
+from comfy_t5 import wrapper_style_folder, write_comfy_t5
 from conftest import draw_subject
 from tiny_lora import write_tiny_lora
 
@@ -144,16 +148,130 @@ def test_loader_dropdowns_list_model_folders_and_loras(models, tmp_path):
         (models / "diffusers" / "vendor" / "other").unlink()
 
 
-def test_missing_model_and_lora_say_where_to_put_them(models):
-    message = LoadSDVLoRA.VALIDATE_INPUTS("CogVideoX-5b", "none")
-    assert "'CogVideoX-5b' not found" in message and str(models / "CogVideo") in message
-    message = LoadSDVLoRA.VALIDATE_INPUTS("tiny", "pytorch_lora_weights_transformer.safetensors")
-    assert str(models / "loras") in message and "refresh" in message
-    assert LoadSDVLoRA.VALIDATE_INPUTS("tiny", "sdvgen/tiny.safetensors") is True
-    with pytest.raises(ModelLoadError, match="diffusers layout"):
+def test_loras_are_listed_from_both_lora_folders_without_duplicates(models):
+    """models/loras and models/CogVideo/loras (the CogVideoX node pack's folder): each file once."""
+    cogvideo_loras = models / "CogVideo" / "loras"
+    cogvideo_loras.mkdir()
+    try:
+        write_tiny_lora(models / "CogVideo" / "tiny", cogvideo_loras / "wrapper_style.safetensors")
+        (cogvideo_loras / "sdvgen").mkdir()
+        # The same file reached through both folders, and a different file under a label already taken.
+        (cogvideo_loras / "same.safetensors").symlink_to(models / "loras" / "sdvgen" / "tiny.safetensors")
+        write_tiny_lora(models / "CogVideo" / "tiny", cogvideo_loras / "sdvgen" / "tiny.safetensors")
+        files = host.lora_files()
+        assert list(files) == ["sdvgen/tiny.safetensors", "cogvideox_loras/sdvgen/tiny.safetensors",
+                               "wrapper_style.safetensors"]
+        assert files["cogvideox_loras/sdvgen/tiny.safetensors"] == cogvideo_loras / "sdvgen" / "tiny.safetensors"
+        assert LoadSDVLoRA.INPUT_TYPES()["required"]["lora"][0] == ["none", *sorted(files)]
+        assert LoadSDVLoRA.INPUT_TYPES()["required"]["model"][0] == ["tiny"]  # loras/ is no model folder
+        model = load(lora="wrapper_style.safetensors")
+        assert Path(PIPELINE_CACHE.pipeline.lora_info.path) == cogvideo_loras / "wrapper_style.safetensors"
+        del model
+    finally:
+        shutil.rmtree(cogvideo_loras)
+
+
+def test_missing_files_say_where_to_put_them(models):
+    with pytest.raises(ModelLoadError, match="'CogVideoX-5b' not found") as error:
         LoadSDVLoRA().load("CogVideoX-5b", "none", 1.0, "fp32", "on_device", False)
-    with pytest.raises(LoraLoadError, match="not found"):
+    assert str(models / "CogVideo") in str(error.value)
+    with pytest.raises(LoraLoadError, match="not found") as error:
         LoadSDVLoRA().load("tiny", "missing.safetensors", 1.0, "fp32", "on_device", False)
+    assert str(models / "loras") in str(error.value) and str(models / "CogVideo" / "loras") in str(error.value)
+    with pytest.raises(ModelLoadError, match="text encoder file 't5xxl.safetensors' not found") as error:
+        LoadSDVLoRA().load("tiny", "none", 1.0, "fp32", "on_device", False, "t5xxl.safetensors")
+    assert str(models / "text_encoders") in str(error.value)
+
+
+def comfy_validation_errors(cls, **inputs) -> dict[str, str]:
+    """What ComfyUI 0.3.64 reports for `inputs` (execution.py validate_inputs): a failed VALIDATE_INPUTS is
+    attached to each input named in its signature, `{input_name: details}`; inputs outside the signature are
+    left to ComfyUI's own checks and not passed."""
+    names = inspect.signature(cls.VALIDATE_INPUTS).parameters
+    result = cls.VALIDATE_INPUTS(**{name: inputs[name] for name in names})
+    return {} if result is True else {name: f"{name} - {result}" for name in names}
+
+
+@pytest.mark.parametrize("width, height, marked", [
+    (720, 480, None), (16, 2048, None), (700, 480, "width=700"), (720, 470, "height=470"),
+    (8, 480, "width=8"), (724, 480, "width=724"), (720, 488, "height=488"), (712, 472, "width=712 and height=472"),
+])
+def test_video_size_is_validated_before_running(width, height, marked):
+    errors = comfy_validation_errors(SubjectReferenceEncode, width=width, height=height, fit="crop")
+    if marked is None:
+        assert errors == {}
+    else:
+        assert set(errors) == {"width", "height"}  # one concern: ComfyUI marks both sides of the size
+        assert all(f"{marked} must be a multiple of 16" in message for message in errors.values())
+
+
+@pytest.mark.parametrize("frames, ok", [(1, True), (5, True), (49, True), (2, False), (48, False), (50, False),
+                                        (53, False), (0, False)])
+def test_frames_are_validated_before_running(frames, ok):
+    errors = comfy_validation_errors(DualTaskSampler, frames=frames, steps=2, cfg=6.0, reference_guidance=0.0)
+    if ok:
+        assert errors == {}
+    else:
+        assert list(errors) == ["frames"] and f"frames={frames} must be 4k+1" in errors["frames"]
+    if frames == 48:
+        assert "nearest are 45 and 49" in errors["frames"]
+
+
+@pytest.mark.parametrize("cls, name, others", [
+    (LoadSDVLoRA, "lora_strength", {"model": "tiny", "lora": "none"}),
+    (SDVGenDecode, "tile_overlap", {"tile_height": 240, "tile_width": 360}),
+])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_floats_are_refused_on_their_own_input(cls, name, others, value):
+    assert comfy_validation_errors(cls, **{name: value}, **others) == {name: f"{name} - {name}={value} is not a finite number"}
+    assert comfy_validation_errors(cls, **{name: 0.25}, **others) == {}
+
+
+def test_cls_prompt_subject_is_validated_before_running():
+    assert comfy_validation_errors(CLSPrompt, prompt=PROMPT, subject=SUBJECT, negative_prompt="") == {}
+    errors = comfy_validation_errors(CLSPrompt, prompt=PROMPT, subject="giraffe", negative_prompt="")
+    assert set(errors) == {"prompt", "subject"} and "'giraffe' does not occur in the prompt" in errors["subject"]
+    assert "prompt is empty" in comfy_validation_errors(CLSPrompt, prompt="  ", subject="", negative_prompt="")["prompt"]
+    assert comfy_validation_errors(CLSPrompt, prompt=None, subject="giraffe", negative_prompt="") == {}  # linked
+
+
+def test_non_finite_guidance_stops_the_sampler_before_sampling(models):
+    model = load(lora="none")
+    conditioning, _ = CLSPrompt().encode(model, PROMPT, SUBJECT, "")["result"]
+    reference, _ = SubjectReferenceEncode().encode(model, comfy_image(draw_subject()), WIDTH, HEIGHT, "crop")
+    with pytest.raises(SDVGenError, match="reference_guidance=nan is not a finite number"):
+        DualTaskSampler().sample(model, conditioning, reference, FRAMES, STEPS, 6.0, float("nan"), 0, "ddim", False)
+
+
+def test_text_encoder_files_are_listed_and_a_wrapper_folder_samples_with_one(models, tiny_model_dir, monkeypatch):
+    """A CogVideoX-pack folder (no text_encoder/, tokenizer/) + a T5 file from models/text_encoders or models/clip."""
+    encoder = T5EncoderModel.from_pretrained(tiny_model_dir / "text_encoder")
+    write_comfy_t5(encoder, models / "text_encoders" / "t5xxl_fp16.safetensors", "fp32")
+    write_comfy_t5(encoder, models / "clip" / "t5xxl_fp8_e4m3fn_scaled.safetensors", "fp8_e4m3fn_scaled")
+    wrapper = wrapper_style_folder(tiny_model_dir, models / "CogVideo" / "CogVideoX-5b")
+    try:
+        choices = LoadSDVLoRA.INPUT_TYPES()["optional"]["text_encoder"][0]
+        assert choices == ["from model folder", "t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors"]
+        with pytest.raises(ModelLoadError, match="models/text_encoders and choose it as the text encoder"):
+            LoadSDVLoRA().load("CogVideoX-5b", "none", 1.0, "fp32", "on_device", False)
+        assert PIPELINE_CACHE.pipeline is None
+        # Outside ComfyUI there is no host tokenizer: the tiny model's stands in for comfy/text_encoders/t5_tokenizer.
+        monkeypatch.setattr(host, "t5_tokenizer_dir", lambda: tiny_model_dir / "tokenizer")
+        model = LoadSDVLoRA().load("CogVideoX-5b", "sdvgen/tiny.safetensors", 1.0, "fp32", "on_device", False,
+                                   "t5xxl_fp16.safetensors")[0]
+        assert model.base.text_encoder == models / "text_encoders" / "t5xxl_fp16.safetensors"
+        from_file = run_graph(model).latents
+        PIPELINE_CACHE.clear()
+        expected = run_graph(load()).latents
+        torch.testing.assert_close(from_file, expected)
+        scaled = LoadSDVLoRA().load("CogVideoX-5b", "sdvgen/tiny.safetensors", 1.0, "fp32", "on_device", False,
+                                    "t5xxl_fp8_e4m3fn_scaled.safetensors")[0]
+        assert run_graph(scaled).latents.shape == expected.shape
+    finally:
+        PIPELINE_CACHE.clear()
+        shutil.rmtree(wrapper)
+        shutil.rmtree(models / "text_encoders")
+        shutil.rmtree(models / "clip")
 
 
 def test_loading_again_reuses_the_model_and_loaders_share_one_base(models):
