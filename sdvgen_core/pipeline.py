@@ -27,6 +27,8 @@ from diffusers import (
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
 from transformers import AutoTokenizer, T5EncoderModel
 
+from .acceleration import AccelerationConfig, after_lora_change, apply_acceleration, check_acceleration, editable_weights
+from .acceleration import apply_group_offload, remove_group_offload, resolve_memory_mode, with_options
 from .errors import ModelLoadError, SDVGenError
 from .lora import DEFAULT_ADAPTER, LoraFileInfo, is_fused, load_lora
 from .prompts import ClsTokenInfo, add_cls_token, encode_prompts
@@ -41,8 +43,10 @@ SCHEDULERS = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}
 
 
 class MemoryMode(str, Enum):
+    AUTO = "auto"  # on_device on a CPU (silently); on a GPU chosen by its memory (acceleration.resolve_memory_mode)
     ON_DEVICE = "on_device"  # everything resident on the device: fastest, most memory
     MODEL_OFFLOAD = "model_offload"  # one whole model on the device at a time
+    GROUP_OFFLOAD = "group_offload"  # groups of blocks streamed in ahead of use ("block swap")
     SEQUENTIAL_OFFLOAD = "sequential_offload"  # one layer at a time: least memory, slowest
 
 
@@ -113,6 +117,8 @@ class SDVGenPipeline(CogVideoXPipeline):
         self.lora_info: LoraFileInfo | None = None
         self.memory_mode = MemoryMode.ON_DEVICE
         self.memory_device: torch.device | None = None
+        self.acceleration = AccelerationConfig()
+        self._warned_no_accelerator = False  # the CPU fallback warns once per loaded pipeline
 
     @classmethod
     def from_model_dir(
@@ -159,28 +165,30 @@ class SDVGenPipeline(CogVideoXPipeline):
 
         The same file again only changes strength and fusing. Safe under every memory mode: offload hooks
         (sequential offload parks the weights on the meta device) are taken off while the weights change
-        and put back afterwards.
+        and put back afterwards (group offload re-reads the changed weights).
         """
         offloaded = self.memory_mode is not MemoryMode.ON_DEVICE
         if offloaded:
             self.remove_all_hooks()
         try:
-            if is_fused(self.transformer):
-                self.transformer.unfuse_lora()
-            if path is None:
-                if DEFAULT_ADAPTER in getattr(self.transformer, "peft_config", {}):
-                    self.transformer.delete_adapters(DEFAULT_ADAPTER)
-                self.lora_info = None
-            elif self.lora_info is not None and Path(self.lora_info.path) == Path(path):
-                self.transformer.set_adapters([DEFAULT_ADAPTER], weights=[strength])
-            else:
-                self.lora_info = None  # until the new file is in: a failed load leaves no stale record
-                self.lora_info = load_lora(self.transformer, path, strength=strength, adapter_name=DEFAULT_ADAPTER)
-            if fuse and self.lora_info is not None:
-                self.transformer.fuse_lora(adapter_names=[DEFAULT_ADAPTER])
+            with editable_weights(self.transformer, keep_unfused=fuse):  # fp8 layers: edits in compute precision
+                if is_fused(self.transformer):
+                    self.transformer.unfuse_lora()
+                if path is None:
+                    if DEFAULT_ADAPTER in getattr(self.transformer, "peft_config", {}):
+                        self.transformer.delete_adapters(DEFAULT_ADAPTER)
+                    self.lora_info = None
+                elif self.lora_info is not None and Path(self.lora_info.path) == Path(path):
+                    self.transformer.set_adapters([DEFAULT_ADAPTER], weights=[strength])
+                else:
+                    self.lora_info = None  # until the new file is in: a failed load leaves no stale record
+                    self.lora_info = load_lora(self.transformer, path, strength=strength, adapter_name=DEFAULT_ADAPTER)
+                if fuse and self.lora_info is not None:
+                    self.transformer.fuse_lora(adapter_names=[DEFAULT_ADAPTER])
         finally:
+            after_lora_change(self)
             if offloaded:
-                self.set_memory_mode(self.memory_mode, self.memory_device)
+                self._place(self.memory_mode, self.memory_device)
         return self.lora_info
 
     def set_scheduler(self, name: str) -> None:
@@ -190,21 +198,56 @@ class SDVGenPipeline(CogVideoXPipeline):
             self.scheduler = SCHEDULERS[name].from_config(self.scheduler.config)
 
     def set_memory_mode(self, mode: MemoryMode | str, device: torch.device | str) -> None:
-        """Place the models: all on `device`, or offloaded to the CPU and brought to `device` when used."""
-        mode = MemoryMode(mode)
+        """Place the models: all on `device`, or offloaded to the CPU and brought to `device` when used.
+
+        `auto` picks by device memory (`acceleration.resolve_memory_mode`) and is silent on a CPU; an explicit
+        offload mode on a CPU falls back to on_device with one warning per loaded pipeline.
+        """
         device = torch.device(device)
+        requested = MemoryMode(mode)
+        mode = MemoryMode(resolve_memory_mode(requested.value, device))
         if mode is not MemoryMode.ON_DEVICE and device.type == "cpu":
-            logger.warning("memory mode %s needs an accelerator; running everything on the CPU", mode.value)
+            if not self._warned_no_accelerator:
+                logger.warning("memory mode %s needs an accelerator; running everything on the CPU", mode.value)
+                self._warned_no_accelerator = True
             mode = MemoryMode.ON_DEVICE
+        self._place(mode, device)
+
+    def _place(self, mode: MemoryMode, device: torch.device) -> None:
+        """Apply `mode` as is (group offload also runs with the CPU as both devices, which the tests use)."""
         self.remove_all_hooks()
+        remove_group_offload(self)
         if mode is MemoryMode.ON_DEVICE:
             self.to(device)
         elif mode is MemoryMode.MODEL_OFFLOAD:
             self.enable_model_cpu_offload(device=device)
+        elif mode is MemoryMode.GROUP_OFFLOAD:
+            apply_group_offload(self, device, self.acceleration.blocks_per_group)
         else:
             self.enable_sequential_cpu_offload(device=device)
         self.memory_mode = mode
         self.memory_device = device
+
+    def configure_acceleration(self, **options) -> None:
+        """Set speed/memory options (`sdvgen_core.acceleration.AccelerationConfig` fields): `weights` ("precision" |
+        "fp8"), `compile` ("off" | "blocks"), `attention` ("sdpa" | "flash" | "sage" | "xformers"), `cache`
+        ("off" | "first_block"), `cache_threshold`, `blocks_per_group`. Unnamed options keep their value.
+
+        Checked first (`SDVGenError` naming the option); then applied with diffusers' hooks, with the models
+        off their offload hooks while they change.
+        """
+        config = with_options(self.acceleration, **options)
+        device = self.memory_device or self._execution_device
+        check_acceleration(config, device, self.transformer.dtype)
+        mode, placed = self.memory_mode, self.memory_device is not None
+        if placed:
+            self.remove_all_hooks()
+            remove_group_offload(self)
+        try:
+            apply_acceleration(self, config)
+        finally:
+            if placed:
+                self._place(mode, self.memory_device)
 
     def _get_t5_prompt_embeds(self, prompt=None, num_videos_per_prompt=1, max_sequence_length=226, device=None, dtype=None):
         prompt = [prompt] if isinstance(prompt, str) else prompt
@@ -312,13 +355,15 @@ class SDVGenPipeline(CogVideoXPipeline):
             with self.progress_bar(total=num_inference_steps) as progress_bar:
                 for i, t in enumerate(timesteps):
                     model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
-                    velocity = self.transformer(
-                        hidden_states=model_input,
-                        encoder_hidden_states=text_embeds,
-                        timestep=t.expand(model_input.shape[0]),
-                        reference_latents=branch_reference,
-                        return_dict=False,
-                    )[0].float()
+                    # Each transformer call of a step has its own cache context: step caches never cross branches.
+                    with self.transformer.cache_context("cfg_batch"):
+                        velocity = self.transformer(
+                            hidden_states=model_input,
+                            encoder_hidden_states=text_embeds,
+                            timestep=t.expand(model_input.shape[0]),
+                            reference_latents=branch_reference,
+                            return_dict=False,
+                        )[0].float()
                     scale = guidance_scale
                     if use_dynamic_cfg:
                         scale = 1 + guidance_scale * (
@@ -330,12 +375,13 @@ class SDVGenPipeline(CogVideoXPipeline):
                     else:
                         velocity_text = velocity
                     if reference_guidance_scale:
-                        velocity_no_reference = self.transformer(
-                            hidden_states=self.scheduler.scale_model_input(latents, t),
-                            encoder_hidden_states=prompt_embeds,
-                            timestep=t.expand(latents.shape[0]),
-                            return_dict=False,
-                        )[0].float()
+                        with self.transformer.cache_context("no_reference"):
+                            velocity_no_reference = self.transformer(
+                                hidden_states=self.scheduler.scale_model_input(latents, t),
+                                encoder_hidden_states=prompt_embeds,
+                                timestep=t.expand(latents.shape[0]),
+                                return_dict=False,
+                            )[0].float()
                         velocity = velocity + reference_guidance_scale * (velocity_text - velocity_no_reference)
 
                     if isinstance(self.scheduler, CogVideoXDPMScheduler):
