@@ -31,11 +31,9 @@ import torch
 from torch import nn
 
 from .attention import ATTENTION_BACKENDS, check_attention_backend, set_attention
+from .acceleration_options import CACHES, COMPILE_MODES, DEFAULT_BLOCKS_PER_GROUP, DEFAULT_CACHE_THRESHOLD, WEIGHTS
 from .errors import SDVGenError
 
-WEIGHTS = ("precision", "fp8")  # precision: stored as loaded (bf16/fp16/fp32)
-COMPILE_MODES = ("off", "blocks")
-CACHES = ("off", "first_block")
 FP8_STORAGE = torch.float8_e4m3fn
 _SCALING_TENSORS = "_sdvgen_scaling_tensors"
 _UNFUSED_WEIGHT = "_sdvgen_unfused_fp8_weight"
@@ -56,8 +54,8 @@ class AccelerationConfig:
     compile: str = "off"
     attention: str = "sdpa"
     cache: str = "off"
-    cache_threshold: float = 0.05
-    blocks_per_group: int = 1
+    cache_threshold: float = DEFAULT_CACHE_THRESHOLD
+    blocks_per_group: int = DEFAULT_BLOCKS_PER_GROUP
     compile_backend: str | Callable = "inductor"
 
 
@@ -167,22 +165,28 @@ def editable_weights(transformer: nn.Module, keep_unfused: bool = False) -> Iter
 
     Unmerging fp8(W8 + delta) - delta does not give W8 back (W8 + delta may round on a coarser part of the
     grid), so a fused fp8 layer keeps its unfused fp8 weights on the CPU (1 byte per weight) and a LoRA
-    edit starts from them: entering unfuses exactly. `keep_unfused`: the edit may fuse, so keep them.
+    edit starts from them: entering unfuses (exactly for the fp8 layers). `keep_unfused`: the edit may fuse.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     cast = _layerwise_hooks(transformer)
     owners = {id(m.get_base_layer()): m for m in transformer.modules() if isinstance(m, BaseTunerLayer)}
     unfused: dict[int, torch.Tensor] = {}
+    restored = False
     for module, hook in cast:
         saved = module.__dict__.pop(_UNFUSED_WEIGHT, None)
         owner = owners.get(id(module))
         if saved is not None and owner is not None and owner.merged:
             module.weight.data = saved.to(module.weight.device)
             owner.merged_adapters.clear()
+            restored = True
         if keep_unfused:
             unfused[id(module)] = module.weight.detach().to("cpu", copy=True)
         module.to(dtype=hook.compute_dtype)
+    if restored:  # the rest (layers kept in the compute precision) unmerge by subtraction, as PEFT does
+        for owner in owners.values():
+            if owner.merged:
+                owner.unmerge()
     try:
         yield
     finally:

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from .acceleration_options import MEMORY_MODES, add_acceleration_arguments, options_from_arguments
+
 logger = logging.getLogger("sdvgen")
 
 TINY_LABEL = "tiny preset: a randomly initialised CogVideoX-architecture model; its video is noise"
@@ -44,8 +46,10 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="weights dtype; auto = bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", default="auto", help="torch device, e.g. cuda, cuda:1, cpu (default: auto)")
-    p.add_argument("--memory-mode", choices=["on_device", "model_offload", "sequential_offload"],
-                   default="on_device", help="where the models live between uses (default: %(default)s)")
+    p.add_argument("--memory-mode", choices=MEMORY_MODES, default="auto",
+                   help="where the models live between uses; auto: by GPU memory, on_device on a CPU "
+                        "(default: %(default)s)")
+    add_acceleration_arguments(p)
     p.add_argument("--width", type=int, default=None, help="video width, multiple of 16 (default 720)")
     p.add_argument("--height", type=int, default=None, help="video height, multiple of 16 (default 480)")
     p.add_argument("--frames", type=int, default=None, help="frame count 4k+1, at most 49 (default 49)")
@@ -67,7 +71,8 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    from .pipeline import SDVGenPipeline
+    from .acceleration import AccelerationConfig, check_acceleration, with_options
+    from .pipeline import SDVGenPipeline, resolve_dtype
     from .presets import TINY_GENERATION_DEFAULTS
     from .prompts import insert_cls
     from .video import write_mp4
@@ -96,10 +101,13 @@ def _generate(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: cannot read image: {error}")
     prompt = insert_cls(args.prompt, args.subject)
 
+    acceleration = options_from_arguments(args)
+    check_acceleration(with_options(AccelerationConfig(), **acceleration), device, resolve_dtype(precision))
     pipe = SDVGenPipeline.from_model_dir(
         model_dir, dtype=precision, lora_path=args.lora, lora_strength=args.lora_strength,
         fuse_lora=args.fuse_lora, scheduler=args.scheduler,
     )
+    pipe.configure_acceleration(device=device, **acceleration)
     pipe.set_memory_mode(args.memory_mode, device)
     logger.info("prompt: %s", prompt)
     logger.info(

@@ -228,16 +228,18 @@ class SDVGenPipeline(CogVideoXPipeline):
         self.memory_mode = mode
         self.memory_device = device
 
-    def configure_acceleration(self, **options) -> None:
+    def configure_acceleration(self, device: torch.device | str | None = None, **options) -> None:
         """Set speed/memory options (`sdvgen_core.acceleration.AccelerationConfig` fields): `weights` ("precision" |
         "fp8"), `compile` ("off" | "blocks"), `attention` ("sdpa" | "flash" | "sage" | "xformers"), `cache`
         ("off" | "first_block"), `cache_threshold`, `blocks_per_group`. Unnamed options keep their value.
+        `device`: where it will run (default: where the models are placed); call before `set_memory_mode` so
+        fp8 casting happens on the CPU.
 
         Checked first (`SDVGenError` naming the option); then applied with diffusers' hooks, with the models
         off their offload hooks while they change.
         """
         config = with_options(self.acceleration, **options)
-        device = self.memory_device or self._execution_device
+        device = torch.device(device) if device is not None else self.memory_device or self._execution_device
         check_acceleration(config, device, self.transformer.dtype)
         mode, placed = self.memory_mode, self.memory_device is not None
         if placed:

@@ -177,6 +177,8 @@ def test_compiled_blocks_equal_eager_and_do_not_recompile_on_strength_reference_
     predict(pipe, video, text, timestep, other_reference)
     predict(pipe, video, other_text, torch.full((1,), 300), reference)
     assert len(compiles) == compiled_once
+    predict(pipe, *transformer_inputs(frames=3)[:3], None)  # another size (and no reference) may compile anew
+    assert len(compiles) > compiled_once
     pipe.configure_acceleration(compile="off")
     torch.testing.assert_close(at_09, predict(pipe, video, text, timestep, reference), rtol=1e-5, atol=1e-6)
     assert (at_09 - eager).abs().max() > 1e-4  # the new strength did reach the compiled graph
@@ -224,24 +226,28 @@ def test_first_block_cache_close_deterministic_and_skips(pipe, lora):
 
 
 @torch.no_grad()
-def test_cache_keeps_the_reference_guidance_branch_apart(pipe, monkeypatch):
-    """The reference-free branch runs in its own cache context; its residuals never serve the CFG batch."""
-    contexts = []
-    original = type(pipe.transformer).cache_context
-
-    def spy(self, name, **kwargs):
-        contexts.append(name)
-        return original(self, name, **kwargs)
-
-    monkeypatch.setattr(type(pipe.transformer), "cache_context", spy)
+def test_cache_keeps_the_reference_guidance_branch_apart(pipe):
+    """The reference-free branch (batch 1, no reference tokens) runs in its own cache context: two states, each
+    holding residuals of its own branch, never one branch's cache serving the other."""
+    steps = 6
+    uncached = generate(pipe, num_inference_steps=steps, reference_guidance_scale=2.0)
     pipe.configure_acceleration(cache="first_block", cache_threshold=0.3)
     head_hook = pipe.transformer.transformer_blocks[0]._diffusers_hook.get_hook("fbc_leader_block_hook")
-    generate(pipe, num_inference_steps=3, reference_guidance_scale=2.0)
-    assert contexts == ["cfg_batch", "no_reference"] * 3
-    # Separate state per branch (batch 2 with reference tokens vs batch 1 without: shapes differ too) ...
-    pipe.configure_acceleration(cache="off")
-    reference_free = generate(pipe, num_inference_steps=3, reference_guidance_scale=2.0)
-    assert head_hook is not None and torch.isfinite(reference_free).all()
+    seen = []
+
+    def inspect(info):
+        states = head_hook.state_manager._state_cache
+        seen.append({name: tuple(state.head_block_residual.shape) for name, state in states.items()})
+
+    cached = generate(pipe, num_inference_steps=steps, reference_guidance_scale=2.0, callback=inspect)
+    video_tokens = 2 * 3 * 4  # 5 frames -> 2 latent frames of 6x8 latents in 2x2 patches; the reference adds 12
+    width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+    assert seen[0] == {"cfg_batch": (2, video_tokens + 12, width), "no_reference": (1, video_tokens, width)}
+    assert all(step == seen[0] for step in seen)
+    assert head_hook.state_manager._state_cache == {}  # reset after the call: nothing leaks into the next video
+    torch.testing.assert_close(generate(pipe, num_inference_steps=steps, reference_guidance_scale=2.0), cached,
+                               rtol=0, atol=0)
+    assert ((cached - uncached).abs().max() / uncached.abs().max()).item() < 0.5
 
 
 def test_memory_mode_auto_is_silent_on_cpu_and_picks_by_gpu_memory(pipe, caplog, monkeypatch):
@@ -287,3 +293,107 @@ def test_compile_without_a_compiler_and_unknown_options(pipe, monkeypatch):
     assert pipe.acceleration.compile == "off"
     with pytest.raises(SDVGenError, match="unknown acceleration option"):
         pipe.configure_acceleration(turbo=True)
+
+
+@torch.no_grad()
+def test_all_options_together_with_lora_and_reference_guidance(tiny_model_dir, lora):
+    plain = SDVGenPipeline.from_model_dir(tiny_model_dir, dtype="fp32", lora_path=lora, lora_strength=0.5)
+    plain.set_progress_bar_config(disable=True)
+    expected = generate(plain, reference_guidance_scale=1.5)
+    pipe = SDVGenPipeline.from_model_dir(tiny_model_dir, dtype="fp32")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.set_memory_mode("on_device", "cpu")
+    backend, compiles = counting_backend()
+    pipe.configure_acceleration(weights="fp8", compile="blocks", compile_backend=backend, cache="first_block",
+                                cache_threshold=0.01, blocks_per_group=2)
+    pipe.transformer.set_attn_processor(DispatchCogVideoXAttnProcessor())
+    pipe._place(MemoryMode.GROUP_OFFLOAD, torch.device("cpu"))
+    pipe.set_lora(lora, strength=0.5, fuse=True)
+    first = generate(pipe, reference_guidance_scale=1.5)
+    assert ((first - expected).abs().max() / expected.abs().max()).item() < FP8_TOLERANCE
+    compiled = len(compiles)
+    pipe.set_lora(lora, strength=0.5, fuse=True)
+    torch.testing.assert_close(generate(pipe, reference_guidance_scale=1.5), first, rtol=0, atol=1e-5)
+    assert len(compiles) == compiled
+
+
+def test_choice_lists_mirror_the_core():
+    from nodes import types
+    from sdvgen_core import acceleration_options as options
+    from sdvgen_core.attention import ATTENTION_BACKENDS
+
+    assert types.WEIGHTS == list(options.WEIGHTS) and types.COMPILE_MODES == list(options.COMPILE_MODES)
+    assert types.CACHES == list(options.CACHES) and types.ATTENTION_NAMES == list(options.ATTENTION_NAMES)
+    assert list(ATTENTION_BACKENDS) == list(options.ATTENTION_NAMES)
+    assert list(options.MEMORY_MODES) == [mode.value for mode in MemoryMode] == types.MEMORY_MODES
+    assert options.DEFAULT_CACHE_THRESHOLD == acceleration.AccelerationConfig.cache_threshold
+
+
+@pytest.fixture
+def node_models(tmp_path, tiny_model_dir, lora, monkeypatch):
+    from nodes import host
+    from nodes.loader import PIPELINE_CACHE
+
+    (tmp_path / "CogVideo").mkdir()
+    (tmp_path / "CogVideo" / "tiny").symlink_to(tiny_model_dir, target_is_directory=True)
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "tiny.safetensors").symlink_to(lora)
+    monkeypatch.setenv(host.MODELS_DIR_ENV, str(tmp_path))
+    yield tmp_path
+    PIPELINE_CACHE.clear()
+
+
+def test_load_node_applies_the_options_and_refuses_bad_ones_before_loading(node_models, monkeypatch, caplog):
+    from nodes.loader import PIPELINE_CACHE, LoadSDVLoRA
+
+    node = LoadSDVLoRA()
+    spec = LoadSDVLoRA.INPUT_TYPES()
+    assert spec["required"]["memory_mode"][1]["default"] == "auto"
+    assert all(options.get("tooltip") for _, options in spec["optional"].values())
+    loads = []
+    original = SDVGenPipeline.from_model_dir.__func__
+    monkeypatch.setattr(SDVGenPipeline, "from_model_dir",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or original(cls, *a, **k)))
+    with pytest.raises(SDVGenError, match="attention 'flash' needs a CUDA GPU"):
+        node.load("tiny", "tiny.safetensors", 1.0, "fp32", "auto", False, attention="flash")
+    assert loads == []  # refused before anything loaded
+
+    with caplog.at_level(logging.WARNING):
+        (model,) = node.load("tiny", "tiny.safetensors", 1.0, "fp32", "auto", False, weights="fp8",
+                             cache="first_block", cache_threshold=0.2, blocks_per_group=2)
+    assert caplog.text == ""  # auto on a CPU is silent
+    pipe = model.pipeline()
+    assert pipe.acceleration.weights == "fp8" and pipe.acceleration.cache == "first_block"
+    assert pipe.acceleration.cache_threshold == 0.2 and pipe.transformer.is_cache_enabled
+    assert pipe.transformer.transformer_blocks[0].attn1.to_q.base_layer.weight.dtype == torch.float8_e4m3fn
+    (plain,) = node.load("tiny", "tiny.safetensors", 1.0, "fp32", "auto", False, weights="fp8")
+    assert plain.pipeline() is pipe and not pipe.transformer.is_cache_enabled  # same base: options re-applied only
+    assert len(loads) == 1
+
+
+@pytest.fixture
+def cli_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SDVGEN_CACHE", str(tmp_path_factory.getbasetemp() / "sdvgen-cache"))
+
+
+def test_cli_flags(tmp_path, cli_cache, capsys, caplog, monkeypatch):
+    from sdvgen_core.cli import main
+
+    ref = tmp_path / "subject.png"
+    draw_subject().save(ref)
+    out = tmp_path / "video.mp4"
+    common = ["generate", "--preset", "tiny", "--ref", str(ref), "--prompt", "a dog runs", "--out", str(out),
+              "--frames", "5", "--width", "64", "--height", "48", "--steps", "3"]
+    loads = []
+    original = SDVGenPipeline.from_model_dir.__func__
+    monkeypatch.setattr(SDVGenPipeline, "from_model_dir",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or original(cls, *a, **k)))
+    assert main([*common, "--attention", "sage"]) == 2
+    assert "attention 'sage' needs a CUDA GPU" in capsys.readouterr().err
+    assert main([*common, "--cache", "first_block", "--cache-threshold", "-1"]) == 2
+    assert "cache threshold -1.0 must be a positive number" in capsys.readouterr().err
+    assert loads == [] and not out.exists()
+    with caplog.at_level(logging.WARNING):
+        assert main([*common, "--weights", "fp8", "--cache", "first_block", "--cache-threshold", "0.2",
+                     "--memory-mode", "auto"]) == 0
+    assert out.is_file() and "needs an accelerator" not in caplog.text
