@@ -91,7 +91,8 @@ def main() -> None:
     parser.add_argument("--compile", nargs="+", choices=COMPILE_MODES, default=None,
                         help="default: off and blocks on a GPU, off on a CPU (Inductor on 2 cores takes minutes)")
     parser.add_argument("--cache", nargs="+", choices=CACHES, default=list(CACHES))
-    parser.add_argument("--cache-threshold", type=float, default=0.05)
+    parser.add_argument("--cache-threshold", type=float, nargs="+", default=[0.05],
+                        help="first_block thresholds to measure (each a combination)")
     parser.add_argument("--blocks-per-group", type=int, default=1)
     parser.add_argument("--skip-lora", action="store_true", help="leave out the LoRA fused/unfused rows")
     args, device, dtype = parse(parser)
@@ -124,8 +125,11 @@ def main() -> None:
         pipe.set_progress_bar_config(disable=True)
         pipe.configure_acceleration(device=device, weights=weights, blocks_per_group=args.blocks_per_group)
         counter = BlockRunCounter(pipe)
-        for mode, compile_mode, cache in itertools.product(modes, compiles, args.cache):
-            pipe.configure_acceleration(compile=compile_mode, cache=cache, cache_threshold=args.cache_threshold)
+        caches = [("off", None)] * ("off" in args.cache) + [("first_block", t) for t in args.cache_threshold] * (
+            "first_block" in args.cache)
+        for mode, compile_mode, (cache, threshold) in itertools.product(modes, compiles, caches):
+            pipe.configure_acceleration(compile=compile_mode, cache=cache,
+                                        cache_threshold=threshold or pipe.acceleration.cache_threshold)
             # MemoryMode as asked: on a CPU, group offload runs with the CPU as both devices (the code path only).
             pipe._place(MemoryMode(mode), device)
             _, warmup, _, _ = timed(lambda: sample(pipe))  # with compile "blocks" this is where compilation happens
@@ -139,7 +143,7 @@ def main() -> None:
             max_abs, psnr = change(latents, baseline)
             rows.append({
                 "memory mode": mode, "weights": weights, "compile": compile_mode,
-                "cache": cache if cache == "off" else f"{cache} {args.cache_threshold}",
+                "cache": cache if cache == "off" else f"{cache} {threshold}",
                 "s/video (tiled decode)": f"{sampling + tiled_s:.2f}", "s/step": f"{sampling / args.steps:.3f}",
                 "first run s/step": f"{warmup / args.steps:.3f}", "decode plain / tiled s": f"{plain_s:.2f} / {tiled_s:.2f}",
                 "peak alloc GiB sampling": alloc, "peak reserved GiB sampling": reserved,
