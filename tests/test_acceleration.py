@@ -128,14 +128,14 @@ def test_group_offload_equals_on_device_with_lora_fp8_and_reference(tiny_model_d
     pipe.set_memory_mode("on_device", "cpu")
     pipe.configure_acceleration(weights="fp8")
     expected_step = predict(pipe, *args)
-    expected_video = generate(pipe)
+    expected_video = generate(pipe, num_inference_steps=2)
 
     pipe._place(MemoryMode.GROUP_OFFLOAD, torch.device("cpu"))
     from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
     assert _is_group_offload_enabled(pipe.transformer) and _is_group_offload_enabled(pipe.text_encoder)
     torch.testing.assert_close(predict(pipe, *args), expected_step, rtol=0, atol=0)
-    torch.testing.assert_close(generate(pipe), expected_video, rtol=0, atol=0)
+    torch.testing.assert_close(generate(pipe, num_inference_steps=2), expected_video, rtol=0, atol=0)
 
     pipe.set_lora(lora, strength=1.0)  # a LoRA change under group offload: hooks off, weights change, hooks back
     assert pipe.memory_mode is MemoryMode.GROUP_OFFLOAD and _is_group_offload_enabled(pipe.transformer)
@@ -299,7 +299,7 @@ def test_compile_without_a_compiler_and_unknown_options(pipe, monkeypatch):
 def test_all_options_together_with_lora_and_reference_guidance(tiny_model_dir, lora):
     plain = SDVGenPipeline.from_model_dir(tiny_model_dir, dtype="fp32", lora_path=lora, lora_strength=0.5)
     plain.set_progress_bar_config(disable=True)
-    expected = generate(plain, reference_guidance_scale=1.5)
+    expected = generate(plain, reference_guidance_scale=1.5, num_inference_steps=2)
     pipe = SDVGenPipeline.from_model_dir(tiny_model_dir, dtype="fp32")
     pipe.set_progress_bar_config(disable=True)
     pipe.set_memory_mode("on_device", "cpu")
@@ -309,11 +309,12 @@ def test_all_options_together_with_lora_and_reference_guidance(tiny_model_dir, l
     pipe.transformer.set_attn_processor(DispatchCogVideoXAttnProcessor())
     pipe._place(MemoryMode.GROUP_OFFLOAD, torch.device("cpu"))
     pipe.set_lora(lora, strength=0.5, fuse=True)
-    first = generate(pipe, reference_guidance_scale=1.5)
+    first = generate(pipe, reference_guidance_scale=1.5, num_inference_steps=2)
     assert ((first - expected).abs().max() / expected.abs().max()).item() < FP8_TOLERANCE
     compiled = len(compiles)
     pipe.set_lora(lora, strength=0.5, fuse=True)
-    torch.testing.assert_close(generate(pipe, reference_guidance_scale=1.5), first, rtol=0, atol=1e-5)
+    torch.testing.assert_close(generate(pipe, reference_guidance_scale=1.5, num_inference_steps=2), first,
+                               rtol=0, atol=1e-5)
     assert len(compiles) == compiled
 
 
