@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .attention import ATTENTION_BACKENDS, check_attention_backend, set_attention
+from .attention import check_attention_backend, set_attention
 from .acceleration_options import CACHES, COMPILE_MODES, DEFAULT_BLOCKS_PER_GROUP, DEFAULT_CACHE_THRESHOLD, WEIGHTS
 from .errors import SDVGenError
 
