@@ -103,3 +103,10 @@ def peak_memory_gib(device: torch.device) -> str:
     if device.type != "cuda":
         return "n/a (CPU)"
     return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}"
+
+
+def peak_reserved_gib(device: torch.device) -> str:
+    """Peak memory held by PyTorch's caching allocator (what the driver sees), next to `peak_memory_gib`'s allocated."""
+    if device.type != "cuda":
+        return "n/a (CPU)"
+    return f"{torch.cuda.max_memory_reserved(device) / 2**30:.1f}"

@@ -50,4 +50,7 @@ def random_pipeline(model: str, dtype: torch.dtype, init_device: str = "cpu") ->
     with tempfile.TemporaryDirectory() as folder:
         write_t5_tokenizer(folder, 160)
         tokenizer = AutoTokenizer.from_pretrained(folder)
+    # Built models start in training mode; T5's dropout (0.1) would make every generation differ.
+    for model in (transformer, vae, text_encoder):
+        model.eval()
     return SDVGenPipeline(tokenizer, text_encoder, vae, transformer, cogvideox_5b_scheduler())

@@ -16,9 +16,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import host, validation
-from .core import sdvgen_core
+from .core import core_module, sdvgen_core
 from .preview import fit_latent_to_rgb
-from .types import CATEGORY, FROM_MODEL_FOLDER, MEMORY_MODES, NO_LORA, PIPE, PRECISIONS
+from .types import (
+    ATTENTION_NAMES, CACHES, CATEGORY, COMPILE_MODES, FROM_MODEL_FOLDER, MEMORY_MODES, NO_LORA, PIPE, PRECISIONS,
+    WEIGHTS,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ class BaseSettings:
     precision: str  # resolved: bf16, fp16 or fp32
     device: str
     text_encoder: Path | None = None  # a single-file T5 replacing the folder's text_encoder/
+    weights: str = "precision"  # fp8 storage is set at load: going back needs a reload
 
 
 class PipelineCache:
@@ -70,6 +74,8 @@ class PipelineCache:
             base.model_dir, dtype=base.precision, text_encoder_file=base.text_encoder,
             fallback_tokenizer_dir=host.t5_tokenizer_dir(),
         )
+        if base.weights != "precision":  # cast while the weights are on the CPU
+            pipeline.configure_acceleration(device=base.device, weights=base.weights)
         if host.preview_max_size():
             # Fitted now, while the weights are on the CPU: mid-sampling it would push the transformer off the GPU.
             self.preview_factors = fit_latent_to_rgb(pipeline.vae)
@@ -77,9 +83,14 @@ class PipelineCache:
         self.base = base
         return pipeline
 
-    def apply(self, lora: LoraSettings, memory_mode: str) -> None:
-        """Make the loaded pipeline carry `lora` and be placed by `memory_mode`; unchanged settings cost nothing."""
+    def apply(self, lora: LoraSettings, memory_mode: str, acceleration: tuple[tuple[str, object], ...] = ()) -> None:
+        """Make the loaded pipeline carry `lora`, the speed options `acceleration` (`configure_acceleration`
+        keyword pairs) and be placed by `memory_mode`; unchanged settings cost nothing."""
         pipeline = self.pipeline
+        if acceleration != self.acceleration:
+            self.acceleration = None  # unknown until applied
+            pipeline.configure_acceleration(device=self.base.device, **dict(acceleration))
+            self.acceleration = acceleration
         if lora != self.lora:
             self.lora = None  # unknown until applied: after a failure, re-apply in full
             pipeline.set_lora(lora.path, lora.strength, fuse=lora.fuse)
@@ -98,6 +109,7 @@ class PipelineCache:
         self.base: BaseSettings | None = None
         self.lora: LoraSettings | None = None
         self.memory_mode: str | None = None
+        self.acceleration: tuple | None = ()
         self.preview_factors = None  # latent -> RGB map fitted to this VAE, see preview.py
         gc.collect()
 
@@ -116,11 +128,12 @@ class SDVGenModel:
     lora: LoraSettings
     memory_mode: str
     owner: object = field(default=None, compare=False, repr=False)
+    acceleration: tuple[tuple[str, object], ...] = ()  # compile/attention/cache options (configure_acceleration)
 
     def pipeline(self):
         """The shared pipeline with this handle's LoRA and memory mode applied (reloaded if another base replaced it)."""
         pipeline = PIPELINE_CACHE.load(self.base)
-        PIPELINE_CACHE.apply(self.lora, self.memory_mode)
+        PIPELINE_CACHE.apply(self.lora, self.memory_mode, self.acceleration)
         return pipeline
 
 
@@ -178,10 +191,12 @@ class LoadSDVLoRA:
                                "fp32 on the CPU.",
                 }),
                 "memory_mode": (MEMORY_MODES, {
-                    "default": "model_offload",
-                    "tooltip": "on_device: all on the GPU (fastest, ~30 GB). model_offload: one model on the GPU "
-                               "at a time (~20 GB). sequential_offload: layer by layer (least memory, slowest). "
-                               "Offload modes need a GPU.",
+                    "default": "auto",
+                    "tooltip": "auto: picked by GPU memory (on_device from 40 GB, model_offload from 20 GB, else "
+                               "group_offload); on the CPU everything stays on the CPU. on_device: all on the GPU "
+                               "(fastest, ~30 GB). model_offload: one model on the GPU at a time (~20 GB). "
+                               "group_offload: blocks streamed in ahead of use ('block swap'; ~12 GB, estimate). "
+                               "sequential_offload: layer by layer (least memory, slowest).",
                 }),
                 "fuse_lora": ("BOOLEAN", {
                     "default": False,
@@ -195,6 +210,38 @@ class LoadSDVLoRA:
                                "models/text_encoders (or models/clip): t5xxl_fp16, t5xxl_fp8_e4m3fn or "
                                "t5xxl_fp8_e4m3fn_scaled, computed in the chosen precision. Needed for folders "
                                "without text_encoder/ (as the CogVideoX node pack downloads them).",
+                }),
+                "weights": (WEIGHTS, {
+                    "default": "precision",
+                    "tooltip": "precision: weights stored as 'precision' says. fp8: transformer and T5 stored in "
+                               "float8 (e4m3), computed in 'precision': about half their memory, a small change in "
+                               "the video. A fused LoRA is merged into the fp8 weights.",
+                }),
+                "compile": (COMPILE_MODES, {
+                    "default": "off",
+                    "tooltip": "blocks: torch.compile the transformer blocks. The first run compiles (minutes), later "
+                               "runs are faster; LoRA strength, subject and prompt changes do not recompile, a new "
+                               "size does. Needs Triton on the GPU.",
+                }),
+                "attention": (ATTENTION_NAMES, {
+                    "default": "sdpa",
+                    "tooltip": "Attention kernel. sdpa: PyTorch's (always works). flash / sage / xformers: faster "
+                               "kernels from flash-attn / SageAttention / xformers when installed (GPU, bf16/fp16).",
+                }),
+                "cache": (CACHES, {
+                    "default": "off",
+                    "tooltip": "first_block: skip the remaining blocks on steps where the first block's output "
+                               "barely changed (First Block Cache): faster, slightly different video.",
+                }),
+                "cache_threshold": ("FLOAT", {
+                    "default": 0.05, "min": 0.001, "max": 1.0, "step": 0.005,
+                    "tooltip": "first_block cache: relative change under which a step reuses the cached blocks; "
+                               "higher skips more steps (faster, rougher).",
+                }),
+                "blocks_per_group": ("INT", {
+                    "default": 1, "min": 1, "max": 42,
+                    "tooltip": "group_offload: transformer blocks brought to the GPU per transfer; more = faster, "
+                               "more memory.",
                 }),
             },
         }
@@ -213,7 +260,9 @@ class LoadSDVLoRA:
         # before loading anything.
         return validation.result(validation.finite("lora_strength", lora_strength))
 
-    def load(self, model, lora, lora_strength, precision, memory_mode, fuse_lora, text_encoder=FROM_MODEL_FOLDER):
+    def load(self, model, lora, lora_strength, precision, memory_mode, fuse_lora, text_encoder=FROM_MODEL_FOLDER,
+             weights="precision", compile="off", attention="sdpa", cache="off", cache_threshold=0.05,
+             blocks_per_group=1):
         model_dirs = host.model_dirs()
         if model not in model_dirs:
             raise sdvgen_core.ModelLoadError(missing_model_message(model))
@@ -232,10 +281,17 @@ class LoadSDVLoRA:
         device = host.torch_device()
         if precision == "auto":
             precision = host.default_precision(device)
+        speed = {"compile": compile, "attention": attention, "cache": cache, "cache_threshold": float(cache_threshold),
+                 "blocks_per_group": int(blocks_per_group)}
+        # Refused here, before the model loads, with the option named (e.g. flash without flash-attn).
+        acceleration = core_module("acceleration")
+        acceleration.check_acceleration(acceleration.AccelerationConfig(weights=weights, **speed), device,
+                                        core_module("pipeline").resolve_dtype(precision))
         handle = SDVGenModel(
-            base=BaseSettings(model_dirs[model], precision, str(device), text_encoder_path),
+            base=BaseSettings(model_dirs[model], precision, str(device), text_encoder_path, weights),
             lora=LoraSettings(lora_path, float(lora_strength), bool(fuse_lora)),
             memory_mode=memory_mode,
+            acceleration=tuple(speed.items()),
         )
         # Load now, so errors show on this node and the first sampler step is not a load.
         return (replace(handle, owner=handle.pipeline()),)

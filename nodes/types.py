@@ -16,7 +16,11 @@ CATEGORY = "sdvgen"
 NO_LORA = "none"
 FROM_MODEL_FOLDER = "from model folder"  # text encoder: the model folder's text_encoder/ + tokenizer/
 PRECISIONS = ["auto", "bf16", "fp16", "fp32"]  # auto: see host.default_precision
-MEMORY_MODES = ["on_device", "model_offload", "sequential_offload"]  # sdvgen_core.MemoryMode
+MEMORY_MODES = ["auto", "on_device", "model_offload", "group_offload", "sequential_offload"]  # sdvgen_core.MemoryMode
+WEIGHTS = ["precision", "fp8"]  # sdvgen_core.acceleration_options (torch-free)
+COMPILE_MODES = ["off", "blocks"]
+ATTENTION_NAMES = ["sdpa", "flash", "sage", "xformers"]
+CACHES = ["off", "first_block"]
 FIT_MODES = ["crop", "pad", "stretch"]  # sdvgen_core.FitMode
 SCHEDULERS = ["ddim", "dpm"]  # sdvgen_core.pipeline.SCHEDULERS
 

@@ -14,6 +14,7 @@ _EXPORTS = {
     "SDVGenTransformer3DModel": ".transformer",
     "SDVGenPipeline": ".pipeline",
     "MemoryMode": ".pipeline",
+    "AccelerationConfig": ".acceleration",
     "StepInfo": ".pipeline",
     "load_lora": ".lora",
     "save_lora": ".lora",
@@ -42,6 +43,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:
+    from .acceleration import AccelerationConfig
     from .errors import GenerationCancelled, LoraLoadError, ModelLoadError, NonFiniteError, SDVGenError
     from .lora import LORA_TARGET_MODULES, load_lora, make_lora_config, save_lora
     from .pipeline import MemoryMode, SDVGenPipeline, StepInfo

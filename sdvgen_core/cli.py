@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
     from .backbones import Backbone
 
+from .acceleration_options import MEMORY_MODES, add_acceleration_arguments, options_from_arguments
+
 logger = logging.getLogger("sdvgen")
 
 TINY_LABEL = "tiny preset: a randomly initialised CogVideoX-architecture model; its video is noise"
@@ -73,8 +75,10 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="weights dtype; auto = bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", default="auto", help="torch device, e.g. cuda, cuda:1, cpu (default: auto)")
-    p.add_argument("--memory-mode", choices=["on_device", "model_offload", "sequential_offload"],
-                   default="on_device", help="where the models live between uses (default: %(default)s)")
+    p.add_argument("--memory-mode", choices=MEMORY_MODES, default="auto",
+                   help="where the models live between uses; auto: by GPU memory, on_device on a CPU "
+                        "(default: %(default)s)")
+    add_acceleration_arguments(p)
     p.add_argument("--width", type=int, default=None,
                    help="video width (default: CogVideoX 720, multiple of 16; Wan 1280, multiple of 32)")
     p.add_argument("--height", type=int, default=None,
@@ -159,6 +163,7 @@ class GenerationPlan:
     device: "torch.device"
     precision: str
     load_options: dict[str, object]  # from_model_dir options only one backbone has (single-file T5, ...)
+    acceleration: dict[str, object]  # `configure_acceleration` options (fp8, compile, attention, cache, ...)
 
     def call_options(self, args: argparse.Namespace) -> dict[str, object]:
         """Keyword arguments for the pipeline's `__call__` that do not depend on the video being made."""
@@ -177,15 +182,17 @@ class GenerationPlan:
             lora_strength=args.lora_strength, fuse_lora=args.fuse_lora, scheduler=args.scheduler,
             **self.load_options,
         )
+        pipe.configure_acceleration(device=self.device, **self.acceleration)
         pipe.set_memory_mode(args.memory_mode, self.device)
         return pipe
 
 
 def plan_generation(args: argparse.Namespace) -> GenerationPlan:
     """Check every model-independent `generate` option and resolve the backbone's defaults, before any loading."""
+    from .acceleration import AccelerationConfig, check_acceleration, with_options
     from .backbones import detect_family, get_backbone
     from .lora import check_lora_header
-    from .pipeline import check_model_dir
+    from .pipeline import check_model_dir, resolve_dtype
     from .presets import TINY_GENERATION_DEFAULTS
     from .validation import (
         FPS_RANGE, LORA_STRENGTH_RANGE, SEED_RANGE, GenerationLimits, check_float, check_generation_settings,
@@ -233,11 +240,15 @@ def plan_generation(args: argparse.Namespace) -> GenerationPlan:
     check_int("--seed", args.seed, *SEED_RANGE)
     device = resolve_device(args.device, "--device")
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    acceleration = options_from_arguments(args)
+    check_acceleration(with_options(AccelerationConfig(), **acceleration), device, resolve_dtype(precision))
     if args.lora is not None:
         check_lora_header(args.lora)
     elif args.fuse_lora:
         raise SDVGenError("--fuse-lora needs --lora (there is no LoRA to fuse)")
-    return GenerationPlan(model_dir, backbone, settings, cfg, fps, family_options, device, precision, load_options)
+    return GenerationPlan(
+        model_dir, backbone, settings, cfg, fps, family_options, device, precision, load_options, acceleration
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:

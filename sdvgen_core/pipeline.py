@@ -28,6 +28,8 @@ from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
 from accelerate import init_empty_weights
 from transformers import T5Config, T5EncoderModel
 
+from .acceleration import AccelerationConfig, after_lora_change, apply_acceleration, check_acceleration, editable_weights
+from .acceleration import apply_group_offload, remove_group_offload, resolve_memory_mode, with_options
 from .errors import ModelLoadError, NonFiniteError, SDVGenError
 from .lora import DEFAULT_ADAPTER, LoraFileInfo, apply_lora, check_lora_header, fuse_lora, prepare_lora, unfuse_lora
 from .model_files import check_model_dir, check_weight_shapes, read_json
@@ -44,8 +46,10 @@ SCHEDULERS = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}
 
 
 class MemoryMode(str, Enum):
+    AUTO = "auto"  # on_device on a CPU (silently); on a GPU chosen by its memory (acceleration.resolve_memory_mode)
     ON_DEVICE = "on_device"  # everything resident on the device: fastest, most memory
     MODEL_OFFLOAD = "model_offload"  # one whole model on the device at a time
+    GROUP_OFFLOAD = "group_offload"  # groups of blocks streamed in ahead of use ("block swap")
     SEQUENTIAL_OFFLOAD = "sequential_offload"  # one layer at a time: least memory, slowest
 
 
@@ -107,7 +111,7 @@ class SDVGenPipelineMixin:
     """Backbone-independent controls shared by the CogVideoX and Wan SDV-Gen pipelines (LoRA, memory modes,
     argument checks).
 
-    The pipeline sets `lora_info`, `memory_mode` and `memory_device` in its `__init__`.
+    The pipeline calls `_init_controls()` in its `__init__`.
     """
 
     def set_lora(
@@ -129,22 +133,24 @@ class SDVGenPipelineMixin:
         if offloaded:
             self.remove_all_hooks()
         try:
-            unfuse_lora(self.transformer)
-            if path is None:
-                self._remove_lora()
-            elif same_file:
-                self.transformer.set_adapters([DEFAULT_ADAPTER], weights=[strength])
-            else:
-                try:
-                    self.lora_info = apply_lora(self.transformer, prepared, strength, adapter_name=DEFAULT_ADAPTER)
-                except BaseException:
-                    self._remove_lora()  # half-loaded: take it out entirely, so nothing unreported stays applied
-                    raise
-            if fuse and self.lora_info is not None:
-                fuse_lora(self.transformer, DEFAULT_ADAPTER)
+            with editable_weights(self.transformer, keep_unfused=fuse):  # fp8 layers: edits in compute precision
+                unfuse_lora(self.transformer)
+                if path is None:
+                    self._remove_lora()
+                elif same_file:
+                    self.transformer.set_adapters([DEFAULT_ADAPTER], weights=[strength])
+                else:
+                    try:
+                        self.lora_info = apply_lora(self.transformer, prepared, strength, adapter_name=DEFAULT_ADAPTER)
+                    except BaseException:
+                        self._remove_lora()  # half-loaded: take it out entirely, so nothing unreported stays applied
+                        raise
+                if fuse and self.lora_info is not None:
+                    fuse_lora(self.transformer, DEFAULT_ADAPTER)
         finally:
+            after_lora_change(self)
             if offloaded:
-                self.set_memory_mode(self.memory_mode, self.memory_device)
+                self._place(self.memory_mode, self.memory_device)
         return self.lora_info
 
     def _remove_lora(self) -> None:
@@ -153,25 +159,69 @@ class SDVGenPipelineMixin:
         self.lora_info = None
 
     def set_memory_mode(self, mode: MemoryMode | str, device: torch.device | str) -> None:
-        """Place the models: all on `device`, or offloaded to the CPU and brought to `device` when used."""
+        """Place the models: all on `device`, or offloaded to the CPU and brought to `device` when used.
+
+        `auto` picks by device memory (`acceleration.resolve_memory_mode`) and is silent on a CPU; an explicit
+        offload mode on a CPU falls back to on_device with one warning per loaded pipeline.
+        """
         try:
-            mode = MemoryMode(mode)
+            requested = MemoryMode(mode)
         except ValueError:
             raise SDVGenError(f"memory mode {mode!r} is not one of {[m.value for m in MemoryMode]}") from None
         device = resolve_device(device)
+        mode = MemoryMode(resolve_memory_mode(requested.value, device))
         if mode is not MemoryMode.ON_DEVICE and device.type == "cpu":
-            logger.warning("memory mode %s needs an accelerator; running everything on the CPU", mode.value)
+            if not self._warned_no_accelerator:
+                logger.warning("memory mode %s needs an accelerator; running everything on the CPU", mode.value)
+                self._warned_no_accelerator = True
             mode = MemoryMode.ON_DEVICE
+        self._place(mode, device)
+
+    def _place(self, mode: MemoryMode, device: torch.device) -> None:
+        """Apply `mode` as is (group offload also runs with the CPU as both devices, which the tests use)."""
         self.remove_all_hooks()
+        remove_group_offload(self)
         if mode is MemoryMode.ON_DEVICE:
             self.to(device)
         elif mode is MemoryMode.MODEL_OFFLOAD:
             self.enable_model_cpu_offload(device=device)
+        elif mode is MemoryMode.GROUP_OFFLOAD:
+            apply_group_offload(self, device, self.acceleration.blocks_per_group)
         else:
             self.enable_sequential_cpu_offload(device=device)
         self.memory_mode = mode
         self.memory_device = device
 
+    def configure_acceleration(self, device: torch.device | str | None = None, **options) -> None:
+        """Set speed/memory options (`sdvgen_core.acceleration.AccelerationConfig` fields): `weights` ("precision" |
+        "fp8"), `compile` ("off" | "blocks"), `attention` ("sdpa" | "flash" | "sage" | "xformers"), `cache`
+        ("off" | "first_block"), `cache_threshold`, `blocks_per_group`. Unnamed options keep their value.
+        `device`: where it will run (default: where the models are placed); call before `set_memory_mode` so
+        fp8 casting happens on the CPU.
+
+        Checked first (`SDVGenError` naming the option); then applied with diffusers' hooks, with the models
+        off their offload hooks while they change.
+        """
+        config = with_options(self.acceleration, **options)
+        device = torch.device(device) if device is not None else self.memory_device or self._execution_device
+        check_acceleration(config, device, self.transformer.dtype)
+        mode, placed = self.memory_mode, self.memory_device is not None
+        if placed:
+            self.remove_all_hooks()
+            remove_group_offload(self)
+        try:
+            apply_acceleration(self, config)
+        finally:
+            if placed:
+                self._place(mode, self.memory_device)
+
+    def _init_controls(self) -> None:
+        """The state the controls above keep; called from each pipeline's `__init__`."""
+        self.lora_info: LoraFileInfo | None = None
+        self.memory_mode = MemoryMode.ON_DEVICE
+        self.memory_device: torch.device | None = None
+        self.acceleration = AccelerationConfig()
+        self._warned_no_accelerator = False  # the CPU fallback warns once per loaded pipeline
 
     def generation_limits(self) -> GenerationLimits:
         """The sizes and step counts this model can generate."""
@@ -208,9 +258,7 @@ class SDVGenPipeline(SDVGenPipelineMixin, CogVideoXPipeline):
     def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler) -> None:
         super().__init__(tokenizer, text_encoder, vae, transformer, scheduler)
         self.cls_info: ClsTokenInfo = add_cls_token(self.tokenizer, self.text_encoder)
-        self.lora_info: LoraFileInfo | None = None
-        self.memory_mode = MemoryMode.ON_DEVICE
-        self.memory_device: torch.device | None = None
+        self._init_controls()
 
     @classmethod
     def from_model_dir(
@@ -408,13 +456,15 @@ class SDVGenPipeline(SDVGenPipelineMixin, CogVideoXPipeline):
             with self.progress_bar(total=num_inference_steps) as progress_bar:
                 for i, t in enumerate(timesteps):
                     model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
-                    velocity = self.transformer(
-                        hidden_states=model_input,
-                        encoder_hidden_states=text_embeds,
-                        timestep=t.expand(model_input.shape[0]),
-                        reference_latents=branch_reference,
-                        return_dict=False,
-                    )[0].float()
+                    # Each transformer call of a step has its own cache context: step caches never cross branches.
+                    with self.transformer.cache_context("cfg_batch"):
+                        velocity = self.transformer(
+                            hidden_states=model_input,
+                            encoder_hidden_states=text_embeds,
+                            timestep=t.expand(model_input.shape[0]),
+                            reference_latents=branch_reference,
+                            return_dict=False,
+                        )[0].float()
                     scale = guidance_scale
                     if use_dynamic_cfg:
                         scale = 1 + guidance_scale * (
@@ -426,12 +476,13 @@ class SDVGenPipeline(SDVGenPipelineMixin, CogVideoXPipeline):
                     else:
                         velocity_text = velocity
                     if reference_guidance_scale:
-                        velocity_no_reference = self.transformer(
-                            hidden_states=self.scheduler.scale_model_input(latents, t),
-                            encoder_hidden_states=prompt_embeds,
-                            timestep=t.expand(latents.shape[0]),
-                            return_dict=False,
-                        )[0].float()
+                        with self.transformer.cache_context("no_reference"):
+                            velocity_no_reference = self.transformer(
+                                hidden_states=self.scheduler.scale_model_input(latents, t),
+                                encoder_hidden_states=prompt_embeds,
+                                timestep=t.expand(latents.shape[0]),
+                                return_dict=False,
+                            )[0].float()
                         velocity = velocity + reference_guidance_scale * (velocity_text - velocity_no_reference)
 
                     if isinstance(self.scheduler, CogVideoXDPMScheduler):

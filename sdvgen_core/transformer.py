@@ -35,6 +35,7 @@ class SDVGenTransformer3DModel(CogVideoXTransformer3DModel):
     """
 
     _rope_cache: dict[tuple, RotaryEmbedding] | None = None
+    _repeated_blocks = ["CogVideoXBlock"]  # regional torch.compile (`compile_repeated_blocks`)
 
     def check_supported(self) -> None:
         """Raise `ModelLoadError` unless this is a CogVideoX 1.0 model with 3-D RoPE (CogVideoX-5B family)."""

@@ -101,9 +101,7 @@ class SDVGenWanPipeline(SDVGenPipelineMixin, WanPipeline):
             )
         super().__init__(tokenizer, text_encoder, vae, scheduler, transformer, None, None, expand_timesteps)
         self.cls_info: ClsTokenInfo = add_cls_token(self.tokenizer, self.text_encoder)
-        self.lora_info: LoraFileInfo | None = None
-        self.memory_mode = MemoryMode.ON_DEVICE
-        self.memory_device: torch.device | None = None
+        self._init_controls()
         self.scheduler_config = dict(scheduler.config)  # kept so `set_scheduler` can switch back and forth
 
     @classmethod
@@ -258,22 +256,24 @@ class SDVGenWanPipeline(SDVGenPipelineMixin, WanPipeline):
         )
         reference_kwargs = {"reference_latents": reference_latents, "reference_timestep": reference_timestep}
 
-        def predict(text: torch.Tensor, t: torch.Tensor, with_reference: bool = True) -> torch.Tensor:
-            return self.transformer(
-                hidden_states=latents.to(dtype), timestep=self._timestep(t, latents), encoder_hidden_states=text,
-                return_dict=False, **(reference_kwargs if with_reference else {}),
-            )[0]
+        def predict(text: torch.Tensor, t: torch.Tensor, branch: str, with_reference: bool = True) -> torch.Tensor:
+            # Each branch has its own step-cache state (First Block Cache compares a branch with itself).
+            with self.transformer.cache_context(branch):
+                return self.transformer(
+                    hidden_states=latents.to(dtype), timestep=self._timestep(t, latents), encoder_hidden_states=text,
+                    return_dict=False, **(reference_kwargs if with_reference else {}),
+                )[0]
 
         try:
             with self.progress_bar(total=num_inference_steps) as progress_bar:
                 for i, t in enumerate(timesteps):
-                    velocity_text = predict(prompt_embeds, t)
+                    velocity_text = predict(prompt_embeds, t, "cond")
                     velocity = velocity_text
                     if do_cfg:
-                        velocity_uncond = predict(negative_embeds, t)
+                        velocity_uncond = predict(negative_embeds, t, "uncond")
                         velocity = velocity_uncond + guidance_scale * (velocity_text - velocity_uncond)
                     if reference_guidance_scale:
-                        velocity_no_reference = predict(prompt_embeds, t, with_reference=False)
+                        velocity_no_reference = predict(prompt_embeds, t, "no_reference", with_reference=False)
                         velocity = velocity + reference_guidance_scale * (velocity_text - velocity_no_reference)
                     # Flow matching: x_t = (1 - σ) x_0 + σ ε and v = ε - x_0, so x_0 = x_t - σ v.
                     denoised = latents - self.scheduler.sigmas[i].to(latents.device) * velocity.float()

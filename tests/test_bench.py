@@ -37,3 +37,9 @@ def test_bench_script_writes_results(tmp_path, script, args, name):
     assert rows and data["rows"] == rows
     assert data["machine"]["device"] == "cpu"
     assert "|---|" in result.stdout
+    if script == "generation.py":  # every speed/memory combination, each compared with the plain run
+        combos = {(row["weights"], row["cache"]) for row in rows if "LoRA" not in row["weights"]}
+        assert combos == {(w, c) for w in ("precision", "fp8") for c in ("off", "first_block 0.05")}
+        assert rows[0]["PSNR dB"] == "exact"  # the plain run against itself: the runs are deterministic
+        fp8 = next(row for row in rows if row["weights"] == "fp8" and row["cache"] == "off")
+        assert float(fp8["latent max-abs vs plain"]) > 0

@@ -253,7 +253,7 @@ def test_set_lora_under_offload_restores_weights_and_reapplies_the_mode(tiny_mod
     assert next(pipe.transformer.parameters()).device.type == "meta"
     pipe.memory_mode, pipe.memory_device = MemoryMode.SEQUENTIAL_OFFLOAD, torch.device("cpu")
     reapplied = []
-    monkeypatch.setattr(pipe, "set_memory_mode", lambda mode, device: reapplied.append((mode, device)))
+    monkeypatch.setattr(pipe, "_place", lambda mode, device: reapplied.append((mode, device)))
 
     pipe.set_lora(lora, strength=0.5)
     assert reapplied == [(MemoryMode.SEQUENTIAL_OFFLOAD, torch.device("cpu"))]
