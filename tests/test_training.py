@@ -539,26 +539,25 @@ def _leaves(tree: dict, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
-@pytest.fixture(scope="module")
-def no_cls_cache(demo, tiny_model_dir, tmp_path_factory):
-    """The tiny data prepared without <cls> (captions are encoded by prepare, so Tab. 6 needs its own cache)."""
-    cache = tmp_path_factory.mktemp("no-cls") / "cache"
-    run_prepare(config_for(demo, tiny_model_dir, "x", "data.cls_token=false", f"data.cache_dir={cache}"))
-    return cache
+# Options that `prepare` bakes into the cache: an overlay naming one gets its own tiny cache.
+CACHE_OPTIONS = {"data.cls_token", "data.identity.cls_placement", "data.video.cls_placement", "data.identity.jitter_px"}
 
 
 @pytest.mark.parametrize("overlay", ABLATIONS, ids=lambda path: path.stem)
-def test_ablation_overlay_runs_two_steps(overlay, demo, tiny_model_dir, request):
+def test_ablation_overlay_runs_two_steps(overlay, demo, tiny_model_dir, tmp_path):
     import yaml
 
     root, _ = demo
     settings = dict(_leaves(yaml.safe_load(overlay.read_text())))
     extra = [f"{key}={TINY_SUBSETS[key]}" for key, value in settings.items() if key in TINY_SUBSETS and value]
-    if settings.get("data.cls_token") is False:
-        extra.append(f"data.cache_dir={request.getfixturevalue('no_cls_cache')}")
     run = f"ablation-{overlay.stem}"
-    config = load_config([TINY_CONFIG, overlay], [*demo_overrides(root, tiny_model_dir, run), "train.max_steps=2",
-                                                  "train.checkpoint_every=0", "monitor.every=0", *extra])
+    overrides = [o for o in demo_overrides(root, tiny_model_dir, run)
+                 if "data.identity.jitter_px" not in settings or not o.startswith("data.identity.jitter_px")]
+    if CACHE_OPTIONS & set(settings):
+        extra.append(f"data.cache_dir={tmp_path / 'cache'}")
+        run_prepare(load_config([TINY_CONFIG, overlay], [*overrides, *extra]))
+    config = load_config([TINY_CONFIG, overlay], [*overrides, "train.max_steps=2", "train.checkpoint_every=0",
+                                                  "monitor.every=0", *extra])
     resolved = config.to_dict()
     for key, value in settings.items():
         section, *rest = key.split(".")

@@ -414,3 +414,59 @@ def test_readme_documents_every_option():
     table = readme[readme.index("## All options"):]
     documented = set(re.findall(r"`([a-z_]+(?:\.[a-z0-9_]+)+)`", table))
     assert len(set(leaves(Config))) > 50 and set(leaves(Config)) <= documented, sorted(set(leaves(Config)) - documented)
+
+
+def _fake_run(folder: Path, config_overrides: list[str], norm_scale: float, pcgrad: bool = False) -> Path:
+    """A run folder as `train` leaves it: resolved config.yaml and grad_monitor.csv (norms spanning decades)."""
+    from training.config import save_config
+
+    folder.mkdir(parents=True)
+    save_config(load_config(overrides=config_overrides), folder / "config.yaml")
+    groups = ("attention", "embedding", "mlp", "norm")
+    header = ["step", "cosine", "norm_identity", "norm_video"]
+    header += [f"{g}/{k}" for g in groups for k in ("cosine", "norm_identity", "norm_video")]
+    header += ["pcgrad_projections"] if pcgrad else []
+    lines = [",".join(header)]
+    for index, step in enumerate(range(0, 101, 20)):
+        decay = norm_scale / (1 + index) ** 2
+        values = [step, 0.6 / (1 + index), 10 * decay, decay] + [0.1, decay, decay / 2] * len(groups)
+        values += [index] if pcgrad else []
+        lines.append(",".join(str(v) for v in values))
+    (folder / "grad_monitor.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_plot_monitor_overlays_runs_with_settings_and_log_norms(tmp_path, capsys):
+    from training.__main__ import main
+    from training.monitor import monitor_figure
+
+    dual = _fake_run(tmp_path / "dual", [], 1.0)
+    image_only = _fake_run(tmp_path / "image-only", ["task.p_video=0"], 50.0)
+    pcgrad = _fake_run(tmp_path / "pcgrad", ["monitor.pcgrad=true", "task.task_draw=global",
+                                             "monitor.pcgrad_buffer=8"], 1.0, pcgrad=True)
+    figure = monitor_figure([dual, image_only, pcgrad])
+    axes = figure.axes
+    assert len(axes) == 2 * 5  # all parameters + 4 groups, cosine | norms
+    title = figure._suptitle.get_text()
+    assert "dual: p_video 0.2 (per_rank draw), ref drop image p=0.5, ref frame every_9th" in title
+    assert "image-only: p_video 0.0" in title and "PCGrad buffer 8" in title and "5 PCGrad projections by step 100" in title
+    cosine_axis, norm_axis = axes[0], axes[1]
+    assert len(cosine_axis.lines) == 3 + 1  # one curve per run + the zero line
+    assert len(norm_axis.lines) == 3 * 2  # identity and video per run
+    assert norm_axis.get_yscale() == "log" and cosine_axis.get_yscale() == "linear"
+    assert [line.get_xdata()[-1] for line in cosine_axis.lines[:3]] == [100, 100, 100]  # final step drawn
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    # the CLI writes the PNG; a folder without a monitor record is named, exit code 2
+    out = tmp_path / "overlay.png"
+    assert main(["plot-monitor", str(dual), str(image_only), "-o", str(out)]) == 0
+    assert Image.open(out).size[0] >= 1000
+    assert main(["plot-monitor", str(dual), str(tmp_path), "-o", str(out)]) == 2
+    assert f"{str(tmp_path)!r} has no grad_monitor.csv" in capsys.readouterr().err
+
+
+def test_norms_within_a_decade_stay_linear():
+    from training.monitor import _use_log_scale
+
+    assert not _use_log_scale([1.0, 2.0, 9.9]) and _use_log_scale([0.1, 1.0]) and not _use_log_scale([])

@@ -167,10 +167,10 @@ def run_settings(config: dict) -> str:
     if task.get("schedule") == "two_stage":
         schedule = f"two-stage (video from step {task.get('two_stage_switch_step') or train.get('max_steps', 0) // 2})"
     else:
-        schedule = f"p_video {task.get('p_video')} ({task.get('task_draw', 'global')} draw)"
+        schedule = f"p_video {task.get('p_video')} ({task.get('task_draw')} draw)"
     parts = [
         schedule,
-        f"ref drop {task.get('reference_drop', 'token')} p={task.get('p_reference_drop', task.get('p_token_drop'))}",
+        f"ref drop {task.get('reference_drop')} p={task.get('p_reference_drop')}",
         f"ref frame {task.get('reference_frame')}",
         f"view drop {task.get('p_view_drop')}",
         f"pairs {data.get('identity', {}).get('max_pairs') or 'all'}",
@@ -188,11 +188,21 @@ def _use_log_scale(values: list[float]) -> bool:
 
 
 def plot_monitor(run_dirs: list[Path], output: Path) -> Path:
-    """Draw the gradient monitor of one or several runs (overlaid, one colour per run) into `output`.
+    """Draw the gradient monitor of one or several runs (overlaid, one colour per run) into the PNG `output`."""
+    import matplotlib.pyplot as plt
 
-    Row 1: all LoRA parameters; one row per layer group below. Left: cos(g_identity, g_video); right: the L2
-    norms (identity solid, video dashed), on a log axis when they span an order of magnitude or more.
-    """
+    figure = monitor_figure(run_dirs)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=100)
+    plt.close(figure)
+    return output
+
+
+def monitor_figure(run_dirs: list[Path]):
+    """The report as a matplotlib figure. Row 1: all LoRA parameters; one row per layer group below. Left:
+    cos(g_identity, g_video); right: the L2 norms (identity solid, video dashed), on a log axis when they span
+    an order of magnitude or more. The title names each run's settings."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,7 +232,7 @@ def plot_monitor(run_dirs: list[Path], output: Path) -> Path:
         cos_axis.axhline(0.0, color="gray", linewidth=0.8)
         cos_axis.set_ylabel("cosine")
         cos_axis.set_title(f"cos(g_identity, g_video), {scope}", fontsize=9)
-        norm_axis.set_ylabel("L2 norm")
+        norm_axis.set_ylabel("L2 norm of dLoss/dLoRA")
         norm_axis.set_title(f"gradient L2 norms, {scope}" + (" (log scale)" if _use_log_scale(norms) else ""),
                             fontsize=9)
         if _use_log_scale(norms):
@@ -239,9 +249,6 @@ def plot_monitor(run_dirs: list[Path], output: Path) -> Path:
         lines.append(f"{run_dir.name}: {run_settings(config)}{extra}")
     figure.suptitle("Gradient monitor: identity vs video task gradients on fixed held-out batches\n" + "\n".join(lines),
                     fontsize=9)
-    figure.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=100)
-    plt.close(figure)
-    return output
+    title_inches = 0.2 * (len(lines) + 1)  # keep the settings lines clear of the first row's panel titles
+    figure.tight_layout(rect=(0, 0, 1, 1 - title_inches / figure.get_figheight()))
+    return figure
