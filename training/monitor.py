@@ -207,6 +207,7 @@ def monitor_figure(run_dirs: list[Path]):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     runs = [(Path(run_dir), *read_monitor(Path(run_dir))) for run_dir in run_dirs]
     groups = sorted({key.split("/")[0] for _, rows, _ in runs for key in rows[0] if "/" in key})
@@ -237,9 +238,13 @@ def monitor_figure(run_dirs: list[Path]):
                             fontsize=9)
         if _use_log_scale(norms):
             norm_axis.set_yscale("log")
+        else:
+            norm_axis.set_ylim(bottom=0)  # a linear axis from zero shows the norms' ratio truthfully
     axes[0][1].legend(fontsize=7)
     if len(runs) > 1:
         axes[0][0].legend(fontsize=7)
+    for axis in axes.flat:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     for axis in axes[-1]:
         axis.set_xlabel("optimizer step (measured before that step's update; last point: final weights)")
     lines = []
@@ -249,6 +254,6 @@ def monitor_figure(run_dirs: list[Path]):
         lines.append(f"{run_dir.name}: {run_settings(config)}{extra}")
     figure.suptitle("Gradient monitor: identity vs video task gradients on fixed held-out batches\n" + "\n".join(lines),
                     fontsize=9)
-    title_inches = 0.2 * (len(lines) + 1)  # keep the settings lines clear of the first row's panel titles
+    title_inches = 0.17 * (len(lines) + 1)  # keep the settings lines clear of the first row's panel titles
     figure.tight_layout(rect=(0, 0, 1, 1 - title_inches / figure.get_figheight()))
     return figure
