@@ -225,11 +225,12 @@ def monitor_figure(run_dirs: list[Path]):
                 continue
             cosines = [r[f"{prefix}cosine"] for r in rows if f"{prefix}cosine" in r]
             cos_axis.plot(steps, cosines, marker="o", markersize=3, color=color, label=name)
-            for kind, style in (("identity", "-"), ("video", "--")):
+            for kind, style, single_run_color in (("identity", "-", colors[0]), ("video", "--", colors[1])):
                 values = [r[f"{prefix}norm_{kind}"] for r in rows if f"{prefix}norm_{kind}" in r]
                 norms.extend(values)
                 label = f"{name}: ||g_{kind}||" if name else f"||g_{kind}||"
-                norm_axis.plot(steps, values, linestyle=style, marker="o", markersize=3, color=color, label=label)
+                norm_axis.plot(steps, values, linestyle=style, marker="o", markersize=3,
+                               color=color if name else single_run_color, label=label)
         cos_axis.axhline(0.0, color="gray", linewidth=0.8)
         cos_axis.set_ylabel("cosine")
         cos_axis.set_title(f"cos(g_identity, g_video), {scope}", fontsize=9)
