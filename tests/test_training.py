@@ -449,8 +449,10 @@ def test_ablation_switches_shape_batches(demo, tiny_model_dir):
     whole = [cache.load(VIDEO, cache.video[:1], generator, StepRules(0.0, "image", 0.5, "uniform", "i2v")).keep_indices
              for _ in range(20)]
     assert {None if k is None else len(k) for k in whole} == {None, 0}  # kept whole or dropped whole
-    assert cache.load(VIDEO, cache.video[:1], generator, StepRules(0.5, "token", 0.0, "uniform", "i2v")).keep_indices is None
-    assert cache.load(VIDEO, cache.video[:1], generator, StepRules(0.5, "image", 0.5, "uniform", "t2v")).reference is None
+    no_drop = StepRules(0.5, "token", 0.0, "uniform", "i2v")
+    assert cache.load(VIDEO, cache.video[:1], generator, no_drop).keep_indices is None
+    t2v = StepRules(0.5, "image", 0.5, "uniform", "t2v")
+    assert cache.load(VIDEO, cache.video[:1], generator, t2v).reference is None
     identity = cache.load(IDENTITY, cache.identity[:3], generator, StepRules(0.0, "image", 0.5, "uniform", "i2v"))
     assert identity.latents.shape == identity.reference.shape == (3, 1, 16, 8, 12)
     assert cache.load(IDENTITY, cache.identity[:1], generator,

@@ -251,7 +251,9 @@ def monitor_figure(run_dirs: list[Path]):
     lines = []
     for run_dir, rows, config in runs:
         projections = rows[-1].get("pcgrad_projections")
-        extra = f"; {int(projections)} PCGrad projections by step {int(rows[-1]['step'])}" if projections is not None else ""
+        extra = ""
+        if projections is not None:
+            extra = f"; {int(projections)} PCGrad projections by step {int(rows[-1]['step'])}"
         lines.append(f"{run_dir.name}: {run_settings(config)}{extra}")
     figure.suptitle("Gradient monitor: identity vs video task gradients on fixed held-out batches\n" + "\n".join(lines),
                     fontsize=9)

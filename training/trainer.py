@@ -327,7 +327,7 @@ class Trainer:
         accelerator = self.accelerator
         tasks = self.tasks.step_tasks(step, self.slots)
         starts = slot_starts(tasks, self.micro_sizes, self.state.consumed)
-        loss_sums = {IDENTITY: torch.zeros((), device=accelerator.device), VIDEO: torch.zeros((), device=accelerator.device)}
+        loss_sums = {task: torch.zeros((), device=accelerator.device) for task in (IDENTITY, VIDEO)}
         self.model.train()
         for accum_index in range(self.config.train.gradient_accumulation):
             # Seeded by the micro-batch's slot in the global batch: N ranks x A accumulation steps draw exactly
