@@ -219,17 +219,19 @@ def monitor_figure(run_dirs: list[Path]):
         norms = []
         for index, (run_dir, rows, config) in enumerate(runs):
             color = colors[index % len(colors)]
+            # earlier runs are drawn wider, so that a later run on top of the same curve leaves them visible
+            width = 1.0 + 2.0 * (len(runs) - 1 - index) / max(len(runs) - 1, 1)
             name = run_dir.name if len(runs) > 1 else None
             steps = [int(r["step"]) for r in rows if f"{prefix}cosine" in r]
             if not steps:
                 continue
             cosines = [r[f"{prefix}cosine"] for r in rows if f"{prefix}cosine" in r]
-            cos_axis.plot(steps, cosines, marker="o", markersize=3, color=color, label=name)
+            cos_axis.plot(steps, cosines, marker="o", markersize=3, color=color, linewidth=width, label=name)
             for kind, style, single_run_color in (("identity", "-", colors[0]), ("video", "--", colors[1])):
                 values = [r[f"{prefix}norm_{kind}"] for r in rows if f"{prefix}norm_{kind}" in r]
                 norms.extend(values)
                 label = f"{name}: ||g_{kind}||" if name else f"||g_{kind}||"
-                norm_axis.plot(steps, values, linestyle=style, marker="o", markersize=3,
+                norm_axis.plot(steps, values, linestyle=style, marker="o", markersize=3, linewidth=width,
                                color=color if name else single_run_color, label=label)
         cos_axis.axhline(0.0, color="gray", linewidth=0.8)
         cos_axis.set_ylabel("cosine")
