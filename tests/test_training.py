@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from training.__main__ import main as training_cli
-from training.batches import IDENTITY, VIDEO, StepRules, TaskSampler, step_generator
+from training.batches import IDENTITY, VIDEO, StepRules, TaskSampler, TrainingCache, step_generator
 from training.config import load_config
 from training.data import DataError
 from training.demo import make_demo_data
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "training" / "configs" / "tiny_cpu.yaml"
 # seed 44 with p_video 0.5 draws identity, video, video, identity: both tasks, and PCGrad has an image gradient
 RUN_OVERRIDES = ["train.seed=44", "task.p_video=0.5", "train.max_steps=4", "train.checkpoint_every=0",
-                 "monitor.every=2", "monitor.pcgrad=true", "monitor.pcgrad_buffer=2"]
+                 "monitor.every=2", "monitor.pcgrad=true", "monitor.pcgrad_buffer=2", "task.task_draw=global"]
 
 
 def demo_overrides(root: Path, model_dir: Path, run: str) -> list[str]:
@@ -39,6 +40,7 @@ def demo_overrides(root: Path, model_dir: Path, run: str) -> list[str]:
         f"data.identity.pairs_jsonl=[{root / 'pairs' / 'pairs.jsonl'}]",
         f"data.video.folders=[{root / 'videos'}]",
         f"train.output_dir={root / run}",
+        "data.identity.jitter_px=8",  # the tests' cache covers the crop-jitter option (the recipe has none)
     ]
 
 
@@ -73,8 +75,8 @@ def test_prepare_caches_and_skips_bad_inputs(demo, tiny_model_dir):
     assert tensors["view0.mean"].shape == (16, 10, 14) and tensors["text.1"].shape == (226, 32)
     assert set(tensors) == {"view0.mean", "view0.std", "view1.mean", "view1.std", "text.0", "text.1"}
     assert "text.0" not in load_file(next(p for p in identity if p.name.startswith("pair-")))  # one direction
-    with safe_open(str(subjects), "pt") as handle:
-        assert "<cls> mug" in json.loads(handle.metadata()["captions"])[0]
+    with safe_open(str(subjects), "pt") as handle:  # the run's caption: "<cls> " + description
+        assert json.loads(handle.metadata()["captions"])[0].startswith("<cls> A mug")
     clip = load_file(videos[0])
     assert clip["video.mean"].shape == (3, 16, 8, 12)  # 9 frames -> 3 latent frames
     assert clip["frames.mean"].shape == (9, 16, 8, 12)  # every frame alone, for the random reference frame
@@ -147,7 +149,7 @@ def test_overfits_one_fixed_batch(demo, tiny_model_dir):
                         "optim.warmup_steps=0", "optim.lr=1e-2", "monitor.every=0", "optim.weight_decay=0")
     trainer = Trainer(config)
     rules = StepRules.from_config(config, view_drop=False)
-    batch = trainer._batch(IDENTITY, 0, 0, rules, step_generator(0, 0, "sample", 0))
+    batch = trainer._batch(IDENTITY, 0, rules, step_generator(0, 0, "sample", 0))
     losses = []
     for _ in range(60):
         loss = v_prediction_loss(trainer.model, trainer.noise_scheduler, batch, torch.Generator().manual_seed(1))
@@ -179,26 +181,40 @@ def test_signal_checkpoint_and_exact_resume(demo, tiny_model_dir):
     assert {tasks.task(s) for s in range(4)} == {IDENTITY, VIDEO}
 
     straight = Trainer(config_for(demo, tiny_model_dir, "straight", *RUN_OVERRIDES))
+    projections = []
+    project = straight.pcgrad.project
+
+    def counted(gradient):
+        projected, changed = project(gradient)
+        projections.append(changed)
+        return projected, changed
+
+    straight.pcgrad.project = counted
     straight.train()
     expected = lora_state(straight)
     assert len(straight.pcgrad.gradients) == 2  # PCGrad state took part and must survive the resume
+    assert len(projections) == 2 and straight.state.pcgrad_projections == sum(projections)
+    root, _ = demo
+    with (root / "straight" / "train_log.csv").open() as handle:
+        logged = [int(row["pcgrad_projections"]) for row in csv.DictReader(handle)]
+    assert logged[-1] == sum(projections) and logged == sorted(logged)  # cumulative
 
     interrupted = Trainer(config_for(demo, tiny_model_dir, "resumed", *RUN_OVERRIDES))
     _stop_after(interrupted, 2)
     stopped_lora = interrupted.train()
-    root, _ = demo
     assert stopped_lora == root / "resumed" / "checkpoints" / "step-000002" / "sdvgen_lora.safetensors"
     assert stopped_lora.is_file() and not (root / "resumed" / "sdvgen_lora.safetensors").exists()
 
     resumed = Trainer(config_for(demo, tiny_model_dir, "resumed", *RUN_OVERRIDES, "train.resume=latest"))
     resumed.train()
-    assert resumed.state.step == 4 and resumed.state.batches == straight.state.batches
+    assert resumed.state.step == 4 and resumed.state.consumed == straight.state.consumed
+    assert resumed.state.pcgrad_projections == straight.state.pcgrad_projections
     got = lora_state(resumed)
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-5)
     assert any(value.abs().max() > 0 for key, value in expected.items() if "lora_B" in key)
     monitor_rows = (root / "resumed" / "grad_monitor.csv").read_text().splitlines()
-    assert [row.split(",")[0] for row in monitor_rows[1:]] == ["0", "2"]
+    assert [row.split(",")[0] for row in monitor_rows[1:]] == ["0", "2", "4"]  # 4: the final weights
     assert (root / "resumed" / "grad_monitor.png").stat().st_size > 1000
 
 
@@ -209,8 +225,8 @@ def test_nonfinite_loss_keeps_the_good_checkpoint(demo, tiny_model_dir):
     step = trainer.train_step
 
     def poisoned():
-        task, loss = step()
-        return task, (float("nan") if trainer.state.step == 3 else loss)
+        task, losses = step()
+        return task, ({**losses, "loss": float("nan")} if trainer.state.step == 3 else losses)
 
     trainer.train_step = poisoned
     with pytest.raises(FloatingPointError, match=r"step-000002.*train.resume=latest"):
@@ -286,15 +302,20 @@ def test_two_process_prepare_splits_the_work(demo, tiny_model_dir, tmp_path):
 
 def test_two_process_ddp_matches_single_process_accumulation(demo, tiny_model_dir, tmp_path):
     root, _ = demo
-    # 2 ranks x 1 micro-batch draw exactly what 1 rank x 2 accumulated micro-batches draw
-    overrides = [*demo_overrides(root, tiny_model_dir, "ddp"), *RUN_OVERRIDES, "train.gradient_accumulation=1"]
+    # 2 ranks x 1 micro-batch draw exactly what 1 rank x 2 accumulated micro-batches draw; per_rank with seed 43
+    # draws [identity, video], [video, video], [video, video], [identity, identity]: in step 0 the two ranks train
+    # different tasks within one synchronised update, as in the authors' run.
+    per_rank = [*RUN_OVERRIDES, "train.seed=43", "task.task_draw=per_rank", "monitor.pcgrad=false"]
+    overrides = [*demo_overrides(root, tiny_model_dir, "ddp"), *per_rank, "train.gradient_accumulation=1"]
     torchrun_two_ranks("train", overrides, tmp_path)
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert rank0.keys() == rank1.keys() and len(rank0) > 0
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
 
-    single = Trainer(config_for(demo, tiny_model_dir, "single", *RUN_OVERRIDES, "train.gradient_accumulation=2"))
+    with (root / "ddp" / "train_log.csv").open() as handle:
+        assert [row["task"] for row in csv.DictReader(handle)] == ["mixed", "video", "video", "identity"]
+    single = Trainer(config_for(demo, tiny_model_dir, "single", *per_rank, "train.gradient_accumulation=2"))
     # The monitor at step 0 (same initial weights) averaged the two ranks' pre-all-reduce gradients.
     with (root / "ddp" / "grad_monitor.csv").open() as handle:
         logged = next(row for row in csv.DictReader(handle) if row["step"] == "0")
@@ -332,8 +353,9 @@ def test_resume_on_another_number_of_processes(demo, tiny_model_dir, tmp_path):
     assert list(moved.values()) == pytest.approx(list(one_rank.values()))
 
 
-def direct_task_gradients(trainer: Trainer, ranks: int = 1) -> dict[str, dict[str, torch.Tensor]]:
-    """Each task's held-out gradient by plain autograd, averaged over what `ranks` ranks would each see."""
+def direct_task_gradients(trainer: Trainer, ranks: int = 1, timesteps: int = 1) -> dict[str, dict[str, torch.Tensor]]:
+    """Each task's held-out gradient by plain autograd, averaged over what `ranks` ranks would each see and, with
+    `timesteps` > 1, over that many passes at t in the k-th of `timesteps` equal bands (fixed per-sample offset)."""
     from training.batches import BatchStream
 
     model = trainer.unwrapped
@@ -348,10 +370,16 @@ def direct_task_gradients(trainer: Trainer, ranks: int = 1) -> dict[str, dict[st
             generator = step_generator(seed, 0, "sample", 1 << 20, rank)
             batch = trainer.cache.load(task, entries, generator, rules)
             model.eval()
-            loss = v_prediction_loss(model, trainer.noise_scheduler, batch, generator)
-            grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-            local = [(g if g is not None else torch.zeros_like(p)).flatten() / ranks for (_, p), g in zip(named, grads)]
-            total = local if total is None else [a + b for a, b in zip(total, local)]
+            passes = [None]
+            if timesteps > 1:
+                offsets = torch.rand(batch.latents.shape[0], generator=generator)
+                passes = [torch.floor((k + offsets) * 1000 / timesteps).long() for k in range(timesteps)]
+            for fixed in passes:
+                loss = v_prediction_loss(model, trainer.noise_scheduler, batch, generator, fixed)
+                grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+                local = [(g if g is not None else torch.zeros_like(p)).flatten() / (ranks * len(passes))
+                         for (_, p), g in zip(named, grads)]
+                total = local if total is None else [a + b for a, b in zip(total, local)]
         flat[task] = dict(zip([n for n, _ in named], total))
     return flat
 
@@ -382,6 +410,19 @@ def test_gradient_monitor_equals_direct_computation(demo, tiny_model_dir):
         assert torch.equal(value, before[key])
 
 
+def test_monitor_averages_stratified_timesteps(demo, tiny_model_dir):
+    trainer = Trainer(config_for(demo, tiny_model_dir, "monitor-t", *RUN_OVERRIDES, "monitor.timesteps=3"))
+    stats = trainer.measure_gradients()
+    flat = direct_task_gradients(trainer, timesteps=3)
+    named = list(flat[IDENTITY])
+    cos, norm_identity, norm_video = stats_of(flat, named)
+    assert stats["cosine"] == pytest.approx(cos, rel=1e-4, abs=1e-6)
+    assert stats["norm_identity"] == pytest.approx(norm_identity, rel=1e-4)
+    assert stats["norm_video"] == pytest.approx(norm_video, rel=1e-4)
+    single = direct_task_gradients(trainer)  # one timestep measures something else
+    assert stats_of(single, named)[1] != pytest.approx(norm_identity, rel=1e-3)
+
+
 def test_pcgrad_buffer_projects_only_conflicts():
     buffer = PCGradBuffer(size=2)
     video = torch.tensor([1.0, -1.0, 0.0])
@@ -402,14 +443,20 @@ def test_ablation_switches_shape_batches(demo, tiny_model_dir):
 
     cache = TrainingCache(config_for(demo, tiny_model_dir, "x"))
     generator = torch.Generator().manual_seed(0)
-    video = cache.load(VIDEO, cache.video[:2], generator, StepRules(0.5, 0.5, "random", "i2v"))
+    video = cache.load(VIDEO, cache.video[:2], generator, StepRules(0.5, "token", 0.5, "uniform", "i2v"))
     assert video.reference.shape == (2, 1, 16, 8, 12) and video.latents.shape == (2, 3, 16, 8, 12)
     assert 0 < len(video.keep_indices) < 24
-    assert cache.load(VIDEO, cache.video[:1], generator, StepRules(0.5, 0.0, "random", "i2v")).keep_indices is None
-    assert cache.load(VIDEO, cache.video[:1], generator, StepRules(0.5, 0.5, "random", "t2v")).reference is None
-    identity = cache.load(IDENTITY, cache.identity[:3], generator, StepRules(0.0, 0.5, "random", "i2v"))
+    whole = [cache.load(VIDEO, cache.video[:1], generator, StepRules(0.0, "image", 0.5, "uniform", "i2v")).keep_indices
+             for _ in range(20)]
+    assert {None if k is None else len(k) for k in whole} == {None, 0}  # kept whole or dropped whole
+    no_drop = StepRules(0.5, "token", 0.0, "uniform", "i2v")
+    assert cache.load(VIDEO, cache.video[:1], generator, no_drop).keep_indices is None
+    t2v = StepRules(0.5, "image", 0.5, "uniform", "t2v")
+    assert cache.load(VIDEO, cache.video[:1], generator, t2v).reference is None
+    identity = cache.load(IDENTITY, cache.identity[:3], generator, StepRules(0.0, "image", 0.5, "uniform", "i2v"))
     assert identity.latents.shape == identity.reference.shape == (3, 1, 16, 8, 12)
-    assert cache.load(IDENTITY, cache.identity[:1], generator, StepRules(1.0, 0.5, "random", "i2v")).reference is None
+    assert cache.load(IDENTITY, cache.identity[:1], generator,
+                      StepRules(1.0, "image", 0.5, "uniform", "i2v")).reference is None
 
 
 def test_validation_videos_from_the_training_transformer(demo, tiny_model_dir, tmp_path):
@@ -449,7 +496,7 @@ def test_gradient_checkpointing_keeps_lora_gradients(demo, tiny_model_dir):
                                  "lora.dropout=0", "monitor.every=0"))
     model = trainer.unwrapped
     assert model.is_gradient_checkpointing
-    batch = trainer._batch(VIDEO, 0, 0, trainer.rules, step_generator(0, 0, "sample", 0))
+    batch = trainer._batch(VIDEO, 0, trainer.rules, step_generator(0, 0, "sample", 0))
     gradients = []
     for checkpointing in (True, False):
         model.enable_gradient_checkpointing() if checkpointing else model.disable_gradient_checkpointing()
@@ -460,3 +507,90 @@ def test_gradient_checkpointing_keeps_lora_gradients(demo, tiny_model_dir):
     assert sum(int(g.abs().sum() > 0) for g in gradients[0]) >= len(gradients[0]) // 2  # every lora_B (A: B = 0)
     for with_checkpointing, without in zip(*gradients):
         torch.testing.assert_close(with_checkpointing, without, atol=1e-6, rtol=1e-5)
+
+
+def test_whole_reference_drop_trains_text_to_video_after_the_reference_frame(demo, tiny_model_dir):
+    """The run's image drop: no reference token is left and the video keeps RoPE frames 1..T (not 0..T-1)."""
+    trainer = Trainer(config_for(demo, tiny_model_dir, "drop", "monitor.every=0"))
+    model = trainer.unwrapped
+    generator = torch.Generator().manual_seed(0)
+    batch = next(b for b in (trainer.cache.load(VIDEO, trainer.cache.video[:1], generator, trainer.rules)
+                             for _ in range(50)) if b.keep_indices is not None)
+    assert batch.keep_indices.numel() == 0 and batch.reference is not None
+    frames, height, width = batch.latents.shape[1], batch.latents.shape[-2], batch.latents.shape[-1]
+    timestep = torch.tensor([500])
+    cos, sin = model.rotary_embeddings(frames + 1, height, width, "cpu")
+    tokens = (height // 2) * (width // 2)
+    with torch.no_grad():
+        dropped = model(batch.latents, batch.text, timestep, reference_latents=batch.reference,
+                        reference_keep_indices=batch.keep_indices, return_dict=False)[0]
+        shifted_t2v = model(batch.latents, batch.text, timestep, image_rotary_emb=(cos[tokens:], sin[tokens:]),
+                            return_dict=False)[0]
+        plain_t2v = model(batch.latents, batch.text, timestep, return_dict=False)[0]
+    torch.testing.assert_close(dropped, shifted_t2v)
+    assert (dropped - plain_t2v).abs().max() > 1e-4
+
+
+def test_identity_direction_is_fixed_by_item_index(demo, tiny_model_dir):
+    cache = TrainingCache(config_for(demo, tiny_model_dir, "x"))
+    rows = [(path, target) for path, target in cache.identity if path.name.startswith("s200k-")]
+    assert rows and len(rows) % 2 == 0
+    for even, odd in zip(rows[::2], rows[1::2]):
+        # item 2k: reference = left view 0 (target view 1); item 2k+1: the same row the other way round
+        assert even[0] == odd[0] and (even[1], odd[1]) == (1, 0)
+    assert TrainingCache(config_for(demo, tiny_model_dir, "x")).identity == cache.identity  # not redrawn
+
+
+ABLATIONS = sorted((REPO / "training" / "configs" / "ablations").glob("*.yaml"))
+# The tiny cache has 3 training pairs and 2 training clips: subset sizes shrink to fit, the rest stays as shipped.
+TINY_SUBSETS = {"data.identity.max_pairs": 2, "data.video.max_clips": 1}
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+# Options that `prepare` bakes into the cache: an overlay naming one gets its own tiny cache.
+CACHE_OPTIONS = {"data.cls_token", "data.identity.cls_placement", "data.video.cls_placement", "data.identity.jitter_px"}
+
+
+@pytest.mark.parametrize("overlay", ABLATIONS, ids=lambda path: path.stem)
+def test_ablation_overlay_runs_two_steps(overlay, demo, tiny_model_dir, tmp_path):
+    import yaml
+
+    root, _ = demo
+    settings = dict(_leaves(yaml.safe_load(overlay.read_text())))
+    extra = [f"{key}={TINY_SUBSETS[key]}" for key, value in settings.items() if key in TINY_SUBSETS and value]
+    run = f"ablation-{overlay.stem}"
+    overrides = [o for o in demo_overrides(root, tiny_model_dir, run)
+                 if "data.identity.jitter_px" not in settings or not o.startswith("data.identity.jitter_px")]
+    if CACHE_OPTIONS & set(settings):
+        extra.append(f"data.cache_dir={tmp_path / 'cache'}")
+        run_prepare(load_config([TINY_CONFIG, overlay], [*overrides, *extra]))
+    config = load_config([TINY_CONFIG, overlay], [*overrides, "train.max_steps=2", "train.checkpoint_every=0",
+                                                  "monitor.every=0", *extra])
+    resolved = config.to_dict()
+    for key, value in settings.items():
+        section, *rest = key.split(".")
+        got = resolved[section]
+        for part in rest:
+            got = got[part]
+        assert got == (TINY_SUBSETS[key] if f"{key}={TINY_SUBSETS.get(key)}" in extra else value), key
+    trainer = Trainer(config)
+    trainer.train()
+    with (root / run / "train_log.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["step"] for row in rows] == ["1", "2"] and all(math.isfinite(float(r["loss"])) for r in rows)
+    if settings.get("data.identity.max_pairs"):
+        assert len({path for path, _ in trainer.cache.identity}) == 2
+    if settings.get("data.video.max_clips"):
+        assert len(trainer.cache.video) == 1
+    if settings.get("task.schedule") == "two_stage":
+        assert [row["task"] for row in rows] == ["identity", "video"]  # switch at max_steps // 2
+    if settings.get("task.p_video") == 0.0:
+        assert {row["task"] for row in rows} == {"identity"}
+    assert (root / run / "sdvgen_lora.safetensors").is_file()

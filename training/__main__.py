@@ -1,4 +1,5 @@
-"""`python -m training {prepare,train,export}` from the repository root (launch through accelerate for GPUs)."""
+"""`python -m training {prepare,train,export,plot-monitor}` from the repository root (launch through accelerate
+for GPUs)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ USAGE_EXAMPLES = """examples:
   python -m training prepare --config training/configs/tiny_cpu.yaml
   accelerate launch --config_file training/accelerate/multi_gpu.yaml -m training train \\
       --config training/configs/paper_cogvideox5b.yaml --set optim.lr=1e-4 --set train.resume=latest
+  python -m training train -c training/configs/paper_cogvideox5b.yaml -c training/configs/ablations/tab3_image_only.yaml
   python -m training export --config training/configs/paper_cogvideox5b.yaml --checkpoint latest -o lora.safetensors
+  python -m training plot-monitor runs/dual runs/image-only -o fig5_vs_fig9.png
 """
 
 
@@ -28,11 +31,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo = commands.add_parser("make-demo-data", help="write a tiny random model and synthetic training media")
     demo.add_argument("--root", default="demo", help="folder to fill (default: demo, as tiny_cpu.yaml expects)")
     demo.add_argument("--overwrite", action="store_true", help="rewrite the demo media in a folder that holds files")
+    plot = commands.add_parser("plot-monitor", help="overlay the gradient monitors of one or more runs in one PNG")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="train.output_dir of each run")
+    plot.add_argument("--output", "-o", required=True, help="PNG file to write")
     for name, help_text in (("prepare", "cache VAE latents and T5 embeddings (resumable, split across ranks)"),
                             ("train", "train the LoRA on the prepared cache"),
                             ("export", "write a checkpoint's LoRA to a standalone file")):
         command = commands.add_parser(name, help=help_text)
-        command.add_argument("--config", "-c", help="YAML config (see training/configs/); defaults if omitted")
+        command.add_argument("--config", "-c", action="append", metavar="CONFIG.yaml",
+                             help="YAML config (see training/configs/); repeat to apply overlays on top, e.g. "
+                                  "-c paper_cogvideox5b.yaml -c ablations/tab6_no_cls.yaml; defaults if omitted")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.OPTION=VALUE",
                              help="override one option, e.g. --set optim.lr=1e-4 (repeatable)")
         if name == "train":
@@ -50,6 +58,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "plot-monitor":
+        from .monitor import MonitorError, plot_monitor
+
+        try:
+            print(plot_monitor(args.run_dirs, args.output))
+        except MonitorError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return 0
     try:
         if args.command == "make-demo-data":
             from .demo import make_demo_data

@@ -1,8 +1,8 @@
 """Train-time view of the cache: stateless per-step randomness, task switching and batch assembly.
 
-Every random choice is drawn from a generator seeded by (seed, step, purpose[, rank, micro-batch]), so
-a resumed run draws exactly what an uninterrupted one would, and the task draw is identical on all ranks
-without communication.
+Every random choice is drawn from a generator seeded by (seed, step, purpose[, micro-batch slot]), so
+a resumed run draws exactly what an uninterrupted one would, every rank knows every slot's task without
+communication, and N ranks x A accumulation steps draw what 1 rank x N*A steps would.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .prepare import check_cache_meta, check_video_set_nonempty
 
 IDENTITY, VIDEO = "identity", "video"
 _PURPOSES = {"task": 1, "order": 2, "sample": 3}
+EVERY_9TH_STRIDE = 9  # the authors' run: reference from pixel frames {0, 9, 18, 27, 36, 45} of 49
 
 
 def step_generator(seed: int, step: int, purpose: str, *more: int) -> torch.Generator:
@@ -31,32 +32,61 @@ def step_generator(seed: int, step: int, purpose: str, *more: int) -> torch.Gene
 
 
 class TaskSampler:
-    """Which task step `step` trains: video with probability p (dual), or identity then video (two-stage)."""
+    """Which task each micro-batch slot of a step trains.
+
+    A step has `slots` = accumulation x ranks micro-batches; slot `a * ranks + r` is accumulation step `a` of
+    rank `r`. `task_draw: global` draws one task per step for all slots (the paper's wording: each optimizer
+    step is one task). `per_rank` draws each slot's task on its own (the authors' run: each of 32 GPUs chose per
+    step, so one synchronised update mixes both tasks; with accumulation, each accumulated micro-batch chooses).
+    Either way the draw depends on (seed, step, slot) only. The two-stage schedule switches all slots at once.
+    """
 
     def __init__(self, config: Config):
         self.seed = config.train.seed
         self.p_video = config.task.p_video
-        self.two_stage_switch = config.task.two_stage_switch_step if config.task.schedule == "two_stage" else None
+        self.per_slot = config.task.task_draw == "per_rank"
+        self.two_stage_switch = config.two_stage_switch_step if config.task.schedule == "two_stage" else None
 
-    def task(self, step: int) -> str:
+    def task(self, step: int, slot: int = 0) -> str:
         if self.two_stage_switch is not None:
             return VIDEO if step >= self.two_stage_switch else IDENTITY
-        u = torch.rand((), generator=step_generator(self.seed, step, "task")).item()
+        extra = (slot,) if self.per_slot else ()
+        u = torch.rand((), generator=step_generator(self.seed, step, "task", *extra)).item()
         return VIDEO if u < self.p_video else IDENTITY
 
+    def step_tasks(self, step: int, slots: int) -> list[str]:
+        return [self.task(step, slot) for slot in range(slots)]
 
-def token_keep_indices(num_tokens: int, p_drop: float, generator: torch.Generator) -> torch.Tensor | None:
-    """Indices of the reference tokens kept when each is dropped independently with probability `p_drop`."""
+
+def reference_keep_indices(num_tokens: int, mode: str, p_drop: float, generator: torch.Generator
+                           ) -> torch.Tensor | None:
+    """Which reference tokens a video micro-batch keeps (None: all).
+
+    `image` (the authors' run): with probability `p_drop` the whole reference goes (an empty index set: the step
+    trains text-to-video with the video still at RoPE frames 1..T), else it stays whole; one draw per
+    micro-batch (per forward). `token` (the paper's wording): each token is dropped independently.
+    """
     if p_drop <= 0:
         return None
+    if mode == "image":
+        dropped = torch.rand((), generator=generator).item() < p_drop
+        return torch.empty(0, dtype=torch.long) if dropped else None
     return torch.nonzero(torch.rand(num_tokens, generator=generator) >= p_drop).flatten()
 
 
-def reference_frames(num_frames: int, batch: int, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """Reference frame index per sample: uniform over the clip (`random`) or 0 (`first`)."""
+def reference_frame_choices(num_frames: int, mode: str) -> list[int]:
+    """The pixel frames a video step may take its reference from."""
     if mode == "first":
-        return torch.zeros(batch, dtype=torch.long)
-    return torch.randint(0, num_frames, (batch,), generator=generator)
+        return [0]
+    if mode == "every_9th":
+        return list(range(0, num_frames, EVERY_9TH_STRIDE))
+    return list(range(num_frames))
+
+
+def reference_frames(num_frames: int, batch: int, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Reference frame index per sample, uniform over `reference_frame_choices`."""
+    choices = torch.tensor(reference_frame_choices(num_frames, mode))
+    return choices[torch.randint(0, len(choices), (batch,), generator=generator)]
 
 
 def jitter_offsets(margin: int, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -98,6 +128,11 @@ class TrainingCache:
         check_items(video_files, VIDEO, meta)
         held_identity, train_identity = _holdout(identity_files, config.data.holdout_identity, config.train.seed)
         self.held_video, self.video = _holdout(video_files, config.data.holdout_video, config.train.seed)
+        # Subsets come after the holdout, so runs on different subset sizes are monitored on the same items.
+        train_identity = seeded_subset(train_identity, config.data.identity.max_pairs, config.data.subset_seed,
+                                       "data.identity.max_pairs", "identity pairs")
+        self.video = seeded_subset(self.video, config.data.video.max_clips, config.data.subset_seed,
+                                   "data.video.max_clips", "clips")
         self.identity = _directed_pairs(train_identity)
         self.held_identity = _directed_pairs(held_identity)
         if not self.identity and config.task.p_video < 1:
@@ -149,7 +184,7 @@ class TrainingCache:
         keep = None
         if reference is not None:
             num_tokens = (reference.shape[-2] // 2) * (reference.shape[-1] // 2)
-            keep = token_keep_indices(num_tokens, rules.p_token_drop, generator)
+            keep = reference_keep_indices(num_tokens, rules.reference_drop, rules.p_reference_drop, generator)
         return Batch(task=VIDEO, latents=torch.stack(latents), text=torch.stack(texts), reference=reference,
                      keep_indices=keep)
 
@@ -159,7 +194,8 @@ class StepRules:
     """The per-task augmentation switches; the gradient monitor uses the training rules without view drop."""
 
     p_view_drop: float
-    p_token_drop: float
+    reference_drop: str
+    p_reference_drop: float
     reference_frame: str
     video_conditioning: str
     view_drop: bool = True
@@ -167,7 +203,8 @@ class StepRules:
     @classmethod
     def from_config(cls, config: Config, view_drop: bool = True) -> "StepRules":
         task = config.task
-        return cls(task.p_view_drop, task.p_token_drop, task.reference_frame, task.video_conditioning, view_drop)
+        return cls(task.p_view_drop, task.reference_drop, task.p_reference_drop, task.reference_frame,
+                   task.video_conditioning, view_drop)
 
 
 def _holdout(files: list[Path], count: int, seed: int) -> tuple[list[Path], list[Path]]:
@@ -179,12 +216,27 @@ def _holdout(files: list[Path], count: int, seed: int) -> tuple[list[Path], list
     return [f for f in files if f in held], [f for f in files if f not in held]
 
 
+def seeded_subset(files: list[Path], count: int, seed: int, option: str, what: str) -> list[Path]:
+    """`count` of `files` (0: all) chosen by `seed`, in their original order. The choice is a prefix of one
+    seeded permutation, so a smaller subset is contained in a larger one (2K pairs within the 4K pairs)."""
+    if not count:
+        return files
+    if count > len(files):
+        raise DataError(f"{option}={count} asks for more {what} than the {len(files)} prepared for training")
+    shuffled = files[:]
+    random.Random(seed).shuffle(shuffled)
+    kept = set(shuffled[:count])
+    return [f for f in files if f in kept]
+
+
 def _directed_pairs(files: list[Path]) -> list[tuple[Path, int]]:
-    """(file, target view) for every direction a file supports."""
+    """(file, target view) for every direction a file supports, in a fixed order: a two-way pair (a
+    Subjects200K row) gives the even item with the left view (0) as reference, then the odd item with the right
+    view as reference, as in the authors' run (fixed per item, never redrawn per visit)."""
     pairs = []
     for path in files:
         keys = header(path)
-        pairs.extend((path, view) for view in (0, 1) if f"text.{view}" in keys)
+        pairs.extend((path, target) for target in (1, 0) if f"text.{target}" in keys)
     return pairs
 
 
@@ -205,15 +257,29 @@ class BatchStream:
             self._cached_epoch = epoch
         return self._cached
 
-    def micro_batch(self, batch_index: int, global_batch: int, accum_index: int, rank: int, num_processes: int,
-                    micro_size: int) -> list:
-        """Entries of micro-batch `accum_index` of rank `rank` within the task's `batch_index`-th global batch."""
-        start = batch_index * global_batch + (accum_index * num_processes + rank) * micro_size
+    def entries(self, start: int, count: int) -> list:
+        """Items at positions `start .. start + count - 1` of the endless sequence of epoch permutations."""
         entries = []
-        for position in range(start, start + micro_size):
+        for position in range(start, start + count):
             epoch, offset = divmod(position, len(self.items))
             entries.append(self.items[self._permutation(epoch)[offset]])
         return entries
+
+    def micro_batch(self, batch_index: int, global_batch: int, accum_index: int, rank: int, num_processes: int,
+                    micro_size: int) -> list:
+        """Entries of micro-batch `accum_index` of rank `rank` within the task's `batch_index`-th global batch."""
+        return self.entries(batch_index * global_batch + (accum_index * num_processes + rank) * micro_size, micro_size)
+
+
+def slot_starts(tasks: list[str], micro_sizes: dict[str, int], consumed: dict[str, int]) -> list[int]:
+    """Where each slot's micro-batch starts in its task's stream: a task's slots of a step read consecutive
+    micro-batches after the `consumed` items, so every item is used once per epoch whatever the task mix."""
+    position = dict(consumed)
+    starts = []
+    for task in tasks:
+        starts.append(position[task])
+        position[task] += micro_sizes[task]
+    return starts
 
 
 def check_batch_sizes(config: Config, num_processes: int) -> dict[str, int]:

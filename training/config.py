@@ -34,7 +34,9 @@ class IdentityDataConfig:
     min_quality: float = 5.0  # every `quality_assessment` score must reach this
     quality_keys: list[str] = field(default_factory=list)  # scores that must pass; empty = all present
     pairs_jsonl: list[str] = field(default_factory=list)  # JSONL: reference, target, caption[, subject]
-    jitter_px: int = 16  # crop jitter margin in pixels on each side (multiple of 8)
+    jitter_px: int = 0  # crop jitter margin in pixels on each side (multiple of 8); the run had none
+    cls_placement: str = "prefix"  # `<cls>` in identity captions: prefix (the run) | subject_word (paper example)
+    max_pairs: int = 0  # train on a seeded subset of this many prepared pairs (0 = all; paper Tab. 4: 2000, 4000)
 
 
 @dataclass
@@ -43,6 +45,8 @@ class VideoDataConfig:
     captions: str = ""  # optional JSONL ({"file","caption"}) or CSV (file,caption) instead of sidecars
     fps: float = 8.0  # frames are resampled to this rate
     num_frames: int = 49  # frames per clip (4k+1); shorter clips are skipped
+    cls_placement: str = "none"  # `<cls>` in video captions: none (the run) | prefix
+    max_clips: int = 0  # train on a seeded subset of this many prepared clips (0 = all; paper Tab. 8)
 
 
 @dataclass
@@ -55,25 +59,29 @@ class DataConfig:
     video: VideoDataConfig = field(default_factory=VideoDataConfig)
     holdout_identity: int = 0  # items kept out of training for the gradient monitor
     holdout_video: int = 0
+    cls_token: bool = True  # false: no `<cls>` in any caption (paper Tab. 6 "w/o ref. token")
+    subset_seed: int = 42  # which items max_pairs / max_clips keep (smaller subsets are nested in larger ones)
 
 
 @dataclass
 class LoraSettings:
     rank: int = 128
     alpha: float = 64.0
-    dropout: float = 0.1
+    dropout: float = 0.0  # the run's; the paper text says 0.1
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
 
 
 @dataclass
 class TaskConfig:
-    p_video: float = 0.2  # probability that a step is a video (I2V) step; 0 = image-only ablation
-    p_token_drop: float = 0.5  # per reference token, on video steps; 0 = "no token drop" ablation
-    p_view_drop: float = 0.5  # identity micro-batch trained without its reference view
-    reference_frame: str = "random"  # video reference: random | first ("no random frame" ablation)
+    p_video: float = 0.2  # probability that a micro-batch (per_rank) or step (global) is a video step
+    task_draw: str = "per_rank"  # per_rank: each micro-batch slot draws its task (the run) | global: one per step
+    reference_drop: str = "image"  # video steps: image = whole reference dropped (the run) | token = per token
+    p_reference_drop: float = 0.5  # drop probability of that unit; 1 = T2V-only ablation (paper Tab. 7)
+    p_view_drop: float = 0.0  # identity micro-batch trained without its reference view (paper text: 0.5)
+    reference_frame: str = "every_9th"  # video reference frame: every_9th (the run) | uniform | first
     video_conditioning: str = "i2v"  # i2v | t2v (video steps without reference: T2V ablation)
     schedule: str = "dual"  # dual (stochastic switch) | two_stage (identity, then video)
-    two_stage_switch_step: int = 0  # two_stage: first step of the video stage
+    two_stage_switch_step: int = 0  # two_stage: first step of the video stage (0: train.max_steps // 2)
 
 
 @dataclass
@@ -112,6 +120,7 @@ class MonitorConfig:
     video_batch: int = 1
     pcgrad: bool = False  # buffered PCGrad on video steps
     pcgrad_buffer: int = 4  # FIFO of recent identity gradients (4 or 8 in the paper)
+    timesteps: int = 1  # timesteps per held-out sample; > 1 averages the gradient over stratified timesteps
 
 
 @dataclass
@@ -153,19 +162,32 @@ class Config:
             ((self.data.video.num_frames - 1) % 4 == 0, "data.video.num_frames must be 4k+1 (e.g. 49, 25, 9)"),
             (self.data.video.fps > 0, "data.video.fps must be positive"),
             (0.0 <= self.task.p_video <= 1.0, "task.p_video must be in [0, 1]"),
-            (0.0 <= self.task.p_token_drop < 1.0, "task.p_token_drop must be in [0, 1)"),
+            (0.0 <= self.task.p_reference_drop <= 1.0, "task.p_reference_drop must be in [0, 1]"),
+            (self.task.reference_drop in ("image", "token"), "task.reference_drop must be image or token"),
+            (self.task.task_draw in ("per_rank", "global"), "task.task_draw must be per_rank or global"),
             (0.0 <= self.task.p_view_drop <= 1.0, "task.p_view_drop must be in [0, 1]"),
-            (self.task.reference_frame in ("random", "first"), "task.reference_frame must be random or first"),
+            (self.task.reference_frame in ("every_9th", "uniform", "first"),
+             "task.reference_frame must be every_9th, uniform or first"),
+            (self.data.identity.cls_placement in ("prefix", "subject_word"),
+             "data.identity.cls_placement must be prefix or subject_word"),
+            (self.data.video.cls_placement in ("none", "prefix"), "data.video.cls_placement must be none or prefix"),
+            (self.data.identity.max_pairs >= 0 and self.data.video.max_clips >= 0,
+             "data.identity.max_pairs and data.video.max_clips must be >= 0 (0 = all)"),
             (self.task.video_conditioning in ("i2v", "t2v"), "task.video_conditioning must be i2v or t2v"),
             (self.task.schedule in ("dual", "two_stage"), "task.schedule must be dual or two_stage"),
-            (self.task.schedule != "two_stage" or 0 < self.task.two_stage_switch_step < self.train.max_steps,
-             "task.two_stage_switch_step must be inside (0, train.max_steps) for schedule two_stage"),
+            (self.task.schedule != "two_stage" or 0 < self.two_stage_switch_step < self.train.max_steps,
+             "task.two_stage_switch_step must be inside (0, train.max_steps) for schedule two_stage "
+             "(0 switches at train.max_steps // 2, which needs train.max_steps >= 2)"),
             (len(self.optim.betas) == 2, "optim.betas must be two numbers"),
             (self.train.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16"),
             (self.train.max_steps > 0, "train.max_steps must be positive"),
             (self.train.gradient_accumulation > 0, "train.gradient_accumulation must be positive"),
             (self.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
             (self.monitor.pcgrad_buffer > 0, "monitor.pcgrad_buffer must be positive"),
+            (self.monitor.timesteps > 0, "monitor.timesteps must be positive"),
+            (not self.monitor.pcgrad or self.task.task_draw == "global",
+             "monitor.pcgrad needs task.task_draw=global: PCGrad projects a whole step's video gradient, and a "
+             "per_rank draw mixes both tasks into one synchronised gradient"),
             (not self.validation.every or self.validation.references,
              "validation.every > 0 needs validation.references (images) and one prompt each"),
             (len(self.validation.references) == len(self.validation.prompts),
@@ -177,6 +199,11 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def two_stage_switch_step(self) -> int:
+        """The first video step of the two-stage schedule (the option, or the middle of the run when 0)."""
+        return self.task.two_stage_switch_step or self.train.max_steps // 2
 
     @property
     def video_steps_possible(self) -> bool:
@@ -217,12 +244,20 @@ def _coerce(value, annotation, key: str):
     raise ConfigError(f"{key}: unsupported type {annotation}")
 
 
+RENAMED = {
+    "task.p_token_drop": "task.p_reference_drop (with task.reference_drop=token for the per-token drop)",
+}
+
+
 def _build(cls, data: dict, prefix: str):
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"unknown option {prefix}{unknown[0]} (known: {', '.join(sorted(known))})")
+        old = f"{prefix}{unknown[0]}"
+        if old in RENAMED:
+            raise ConfigError(f"option {old} was renamed: use {RENAMED[old]}")
+        raise ConfigError(f"unknown option {old} (known: {', '.join(sorted(known))})")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
@@ -248,22 +283,43 @@ def _apply_override(data: dict, override: str) -> None:
     node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Config from a YAML file (or the defaults) with `section.option=value` overrides applied in order.
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    return data
 
-    Relative paths inside the file stay relative to the working directory, like every CLI path.
+
+def _merge(base: dict, overlay: dict) -> dict:
+    """`overlay` on top of `base`: sections merge key by key, any other value (lists too) replaces."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(paths: str | Path | list | tuple | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Config from YAML files (or the defaults) with `section.option=value` overrides applied in order.
+
+    Several files are overlays: each later file changes only the options it names (e.g. a base recipe and
+    then `training/configs/ablations/tab3_image_only.yaml`). Relative paths inside the files stay relative
+    to the working directory, like every CLI path.
     """
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
     data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    for path in paths:
+        data = _merge(data, _read_yaml(Path(path)))
     for override in overrides:
         _apply_override(data, override)
     return _build(Config, data, "")

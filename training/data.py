@@ -7,6 +7,7 @@ unreadable is counted in a `SkipCounter` under a reason and logged, never fatal.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -24,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from sdvgen_core.prompts import insert_cls
 from sdvgen_core.reference import FitMode, fit_to_size
 
-from .config import IdentityDataConfig, VideoDataConfig
+from .config import DataConfig, IdentityDataConfig, VideoDataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ def path_tag(path: Path) -> str:
 
 @dataclass
 class IdentityRecord:
-    """Two views of one subject. `captions[i]` (with `<cls>`) describes view i as a target; None: never a target."""
+    """Two views of one subject. `captions[i]` (with `<cls>` as configured) describes view i as a target;
+    None: never a target."""
 
     key: str
     load_views: Callable[[], tuple[Image.Image, Image.Image]]
@@ -74,7 +76,25 @@ class IdentityRecord:
 class VideoRecord:
     key: str
     path: Path
-    caption: str  # with `<cls>` at the start
+    caption: str  # with `<cls>` at the start when data.video.cls_placement is prefix
+
+
+def caption_sources(data: DataConfig) -> tuple[IdentityDataConfig, VideoDataConfig]:
+    """The identity and video source settings with `data.cls_token: false` applied (no `<cls>` anywhere)."""
+    if data.cls_token:
+        return data.identity, data.video
+    return (dataclasses.replace(data.identity, cls_placement="none"),
+            dataclasses.replace(data.video, cls_placement="none"))
+
+
+def identity_caption(caption: str, subject: str | None, placement: str, skips: SkipCounter, what: str) -> str:
+    """An identity caption with `<cls>` placed as configured: `prefix` (the authors' run: "<cls> " + caption),
+    `subject_word` (the paper's example "An <cls> armchair ...") or `none` (Tab. 6 ablation)."""
+    if placement == "none":
+        return caption
+    if placement == "prefix":
+        return insert_cls(caption, None)
+    return caption_with_cls(caption, subject, skips, what)
 
 
 def caption_with_cls(caption: str, subject: str | None, skips: SkipCounter, what: str) -> str:
@@ -174,7 +194,7 @@ def _subjects200k_record(row: dict, key: str, config: IdentityDataConfig, skips:
     return IdentityRecord(
         key=key,
         load_views=lambda: _open_composite(data),
-        captions=tuple(caption_with_cls(c, item, skips, key) for c in captions),
+        captions=tuple(identity_caption(c, item, config.cls_placement, skips, key) for c in captions),
     )
 
 
@@ -205,7 +225,7 @@ def jsonl_pair_records(config: IdentityDataConfig, skips: SkipCounter, shard: Sh
             yield IdentityRecord(
                 key=f"pair-{file.stem}-{path_tag(file)}-{line_number:07d}",
                 load_views=lambda r=reference, t=target: (_open_image(r), _open_image(t)),
-                captions=(None, caption_with_cls(caption, entry.get("subject"), skips, what)),
+                captions=(None, identity_caption(caption, entry.get("subject"), config.cls_placement, skips, what)),
             )
 
 
@@ -250,7 +270,8 @@ def video_records(config: VideoDataConfig, skips: SkipCounter, shard: Shard = Sh
             skips.skip("no caption", str(path))
             continue
         key = f"video-{path.stem}-{path_tag(path)}"
-        yield VideoRecord(key=key, path=path, caption=insert_cls(caption, None))
+        yield VideoRecord(key=key, path=path,
+                          caption=insert_cls(caption, None) if config.cls_placement == "prefix" else caption)
 
 
 class ClipTooShort(ValueError):

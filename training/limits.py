@@ -41,6 +41,7 @@ RULES: dict[str, Rule] = {
     "train.keep_checkpoints": NON_NEGATIVE,
     "train.log_every": AT_LEAST_ONE,
     "train.seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    "data.subset_seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     "monitor.every": NON_NEGATIVE,
     "monitor.identity_batch": AT_LEAST_ONE,
     "monitor.video_batch": AT_LEAST_ONE,

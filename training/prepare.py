@@ -42,6 +42,7 @@ from .config import Config
 from .data import (
     ClipTooShort,
     DataError,
+    caption_sources,
     Shard,
     SkipCounter,
     decode_clip,
@@ -70,6 +71,7 @@ def cache_meta(config: Config) -> dict:
         "jitter_px": data.identity.jitter_px,
         "fps": data.video.fps,
         "num_frames": data.video.num_frames,
+        "cls_placement": [source.cls_placement for source in caption_sources(data)],  # identity, video
     }
 
 
@@ -198,9 +200,10 @@ def run_prepare(config: Config) -> dict[str, int]:
     skips = SkipCounter()
     shard = Shard(accelerator.process_index, accelerator.num_processes)
     # Streamed, never listed: a Subjects200K record holds its composite image in memory.
+    identity_source, video_source = caption_sources(config.data)
     jobs = itertools.chain(
-        (("identity", r, encode_identity) for r in identity_records(config.data.identity, skips, shard)),
-        (("video", r, encode_video) for r in video_records(config.data.video, skips, shard)),
+        (("identity", r, encode_identity) for r in identity_records(identity_source, skips, shard)),
+        (("video", r, encode_video) for r in video_records(video_source, skips, shard)),
     )
     done = 0
     sources = []  # every item of the configured sources on this rank, cached or not

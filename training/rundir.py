@@ -141,7 +141,7 @@ def checkpoint_state(checkpoint: Path) -> dict:
     path = checkpoint / STATE_FILE
     try:
         state = json.loads(path.read_text())
-        return {"step": int(state["step"]), "batches": {k: int(v) for k, v in state["batches"].items()}}
+        return {"step": int(state["step"]), "consumed": {k: int(v) for k, v in state["consumed"].items()}}
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
         raise OutputDirError(f"{str(path)!r} is damaged ({type(error).__name__}: {error}): resume an earlier "
                              f"checkpoint with --set train.resume=<its folder>") from None

@@ -1,8 +1,9 @@
 """`train`: the dual-task LoRA fine-tuning loop (paper, appendix A) on a prepared cache.
 
-One optimizer step trains one task, drawn identically on every rank: a video (I2V) step with probability
-`task.p_video`, else an identity step. Each step runs `train.gradient_accumulation` micro-batches whose
-per-rank size makes the task's global batch (256 images / 32 clips in the paper).
+Each micro-batch slot of a step (accumulation step x rank) trains a video (I2V) micro-batch with probability
+`task.p_video`, else an identity one; `task.task_draw` says whether the slots of a step share one draw
+(`global`) or draw on their own (`per_rank`, the authors' run). A task's micro-batch has the per-slot size
+of its global batch (256 images / 32 clips over the slots in the paper).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .batches import (
     TaskSampler,
     TrainingCache,
     check_batch_sizes,
+    slot_starts,
     step_generator,
 )
 from .config import Config, ConfigError, save_config
@@ -65,12 +67,17 @@ ADAPTER_FILE = "adapter.safetensors"  # unfolded fp32 PEFT weights, for exact re
 PCGRAD_FILE = "pcgrad_buffer.safetensors"
 
 
-def v_prediction_loss(model, scheduler, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-    """diffusers' CogVideoX LoRA loss: v-prediction turned into an x0 estimate, weighted by 1 / (1 - alpha_bar_t)."""
+def v_prediction_loss(model, scheduler, batch: Batch, generator: torch.Generator,
+                      timesteps: torch.Tensor | None = None) -> torch.Tensor:
+    """diffusers' CogVideoX LoRA loss: v-prediction turned into an x0 estimate, weighted by 1 / (1 - alpha_bar_t).
+
+    `timesteps` `[B]` fixes t per sample; by default t is uniform over the training timesteps.
+    """
     latents = batch.latents
     batch_size = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator).to(latents)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
     timesteps = timesteps.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     velocity = model(
@@ -89,18 +96,22 @@ def v_prediction_loss(model, scheduler, batch: Batch, generator: torch.Generator
 
 @dataclass
 class TrainerState:
-    """What a checkpoint needs beyond accelerate's state: the step and how many batches each task consumed."""
+    """What a checkpoint needs beyond accelerate's state: the step, how many items each task's stream has
+    consumed, and how many video gradients PCGrad projected so far."""
 
     step: int = 0
-    batches: dict[str, int] = field(default_factory=lambda: {IDENTITY: 0, VIDEO: 0})
+    consumed: dict[str, int] = field(default_factory=lambda: {IDENTITY: 0, VIDEO: 0})
+    pcgrad_projections: int = 0
 
     def save(self, path: Path) -> None:
-        atomic_write_text(path, json.dumps({"step": self.step, "batches": self.batches}))
+        atomic_write_text(path, json.dumps({"step": self.step, "consumed": self.consumed,
+                                            "pcgrad_projections": self.pcgrad_projections}))
 
     @classmethod
     def load(cls, path: Path) -> "TrainerState":
         data = json.loads(path.read_text())
-        return cls(step=int(data["step"]), batches={k: int(v) for k, v in data["batches"].items()})
+        return cls(step=int(data["step"]), consumed={k: int(v) for k, v in data["consumed"].items()},
+                   pcgrad_projections=int(data.get("pcgrad_projections", 0)))
 
 
 class StopRequest:
@@ -297,11 +308,13 @@ class Trainer:
 
     # --- steps ---------------------------------------------------------------------------------------------
 
-    def _batch(self, task: str, batch_index: int, accum_index: int, rules: StepRules, generator) -> Batch:
-        accelerator = self.accelerator
-        global_batch = self.config.train.identity_batch if task == IDENTITY else self.config.train.video_batch
-        entries = self.streams[task].micro_batch(batch_index, global_batch, accum_index, accelerator.process_index,
-                                                 accelerator.num_processes, self.micro_sizes[task])
+    @property
+    def slots(self) -> int:
+        """Micro-batches per optimizer step over all ranks."""
+        return self.config.train.gradient_accumulation * self.accelerator.num_processes
+
+    def _batch(self, task: str, start: int, rules: StepRules, generator) -> Batch:
+        entries = self.streams[task].entries(start, self.micro_sizes[task])
         return self._to_device(self.cache.load(task, entries, generator, rules))
 
     def _to_device(self, batch: Batch) -> Batch:
@@ -310,46 +323,58 @@ class Trainer:
         keep = None if batch.keep_indices is None else batch.keep_indices.to(device)
         return Batch(batch.task, batch.latents.to(device, dtype), batch.text.to(device, dtype), reference, keep)
 
-    def train_step(self) -> tuple[str, float]:
-        """One optimizer step of the drawn task; returns (task, mean loss over ranks and micro-batches)."""
+    def train_step(self) -> tuple[str, dict[str, float]]:
+        """One optimizer step; returns its task (`identity`, `video`, or `mixed` when the slots drew both) and
+        the losses: `loss` (mean over every slot) and `loss/<task>` (mean over that task's slots)."""
         step = self.state.step
-        task = self.tasks.task(step)
         accelerator = self.accelerator
-        losses = []
+        tasks = self.tasks.step_tasks(step, self.slots)
+        starts = slot_starts(tasks, self.micro_sizes, self.state.consumed)
+        loss_sums = {task: torch.zeros((), device=accelerator.device) for task in (IDENTITY, VIDEO)}
         self.model.train()
         for accum_index in range(self.config.train.gradient_accumulation):
             # Seeded by the micro-batch's slot in the global batch: N ranks x A accumulation steps draw exactly
             # what 1 rank x N*A steps would, and a resumed run draws what an uninterrupted one did.
             slot = accum_index * accelerator.num_processes + accelerator.process_index
+            task = tasks[slot]
             generator = step_generator(self.config.train.seed, step, "sample", slot)
             torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))  # LoRA dropout masks
-            batch = self._batch(task, self.state.batches[task], accum_index, self.rules, generator)
+            batch = self._batch(task, starts[slot], self.rules, generator)
             with accelerator.accumulate(self.model):
                 loss = v_prediction_loss(self.model, self.noise_scheduler, batch, generator)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    self._before_update(task)
+                    self._before_update(tasks)
                     accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.max_grad_norm)
                 self.optimizer.step()
                 if accelerator.sync_gradients:
                     self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
-        self.state.batches[task] += 1
+            loss_sums[task] += loss.detach().float()
+        for task in (IDENTITY, VIDEO):
+            self.state.consumed[task] += tasks.count(task) * self.micro_sizes[task]
         self.state.step += 1
-        return task, accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        summed = accelerator.reduce(torch.stack([loss_sums[IDENTITY], loss_sums[VIDEO]]), reduction="sum").tolist()
+        counts = {task: tasks.count(task) for task in (IDENTITY, VIDEO)}
+        losses = {"loss": sum(summed) / len(tasks)}
+        losses.update({f"loss/{task}": total / counts[task] for task, total in zip((IDENTITY, VIDEO), summed)
+                       if counts[task]})
+        label = tasks[0] if len(set(tasks)) == 1 else "mixed"
+        return label, losses
 
-    def _before_update(self, task: str) -> None:
-        """Buffered PCGrad on the synchronised (rank-averaged) gradient, identical on every rank."""
+    def _before_update(self, tasks: list[str]) -> None:
+        """Buffered PCGrad on the synchronised (rank-averaged) gradient, identical on every rank (the config
+        requires task_draw=global, so every slot of the step has the same task)."""
         if self.pcgrad is None:
             return
         gradient = self.flat.read()
-        if task == IDENTITY:
+        if tasks[0] == IDENTITY:
             self.pcgrad.push(gradient)
             return
         projected, changed = self.pcgrad.project(gradient)
         if changed:
             self.flat.write(projected)
+            self.state.pcgrad_projections += 1
 
     # --- gradient monitor ----------------------------------------------------------------------------------
 
@@ -366,9 +391,12 @@ class Trainer:
         batch = self._to_device(self.cache.load(task, entries, generator, rules))
         self.optimizer.zero_grad(set_to_none=True)
         self.model.eval()  # no LoRA dropout: the measurement depends only on the weights
+        schedule = monitor_timesteps(self.config.monitor.timesteps, batch.latents.shape[0],
+                                     self.noise_scheduler.config.num_train_timesteps, generator)
         with self.accelerator.no_sync(self.model):
-            loss = v_prediction_loss(self.model, self.noise_scheduler, batch, generator)
-            loss.backward()
+            for timesteps in schedule:  # one backward per timestep keeps the activation memory of one pass
+                loss = v_prediction_loss(self.model, self.noise_scheduler, batch, generator, timesteps)
+                (loss / len(schedule)).backward()
         local = self.flat.read()
         self.optimizer.zero_grad(set_to_none=True)
         return self.accelerator.reduce(local, reduction="mean")
@@ -394,13 +422,14 @@ class Trainer:
         csv_log = TrainLog(self.output_dir / "train_log.csv") if accelerator.is_main_process else None
         progress = tqdm(total=config.train.max_steps, initial=self.state.step, desc="train",
                         disable=not accelerator.is_local_main_process)
-        stopped = False
+        stopped, first_step = False, self.state.step
         with StopRequest() as stop:
             while self.state.step < config.train.max_steps:
                 if config.monitor.every and self.state.step % config.monitor.every == 0:
                     self._log_monitor()
                 started = time.perf_counter()
-                task, loss = self.train_step()
+                task, losses = self.train_step()
+                loss = losses["loss"]
                 if not math.isfinite(loss):
                     # The update already went in: these weights are not saved, so no good checkpoint is pruned.
                     good = find_checkpoint(self.output_dir, "latest")
@@ -409,8 +438,10 @@ class Trainer:
                         f"loss became {loss} at step {self.state.step}; the weights are no longer finite and were "
                         f"not saved. {where}: resume it with train.resume=latest and a lower optim.lr"
                     )
-                record = {"loss": loss, f"loss/{task}": loss, "task_video": float(task == VIDEO),
+                record = {**losses, "video_fraction": self.video_fraction(self.state.step - 1),
                           "lr": self.lr_scheduler.get_last_lr()[0], "step_seconds": time.perf_counter() - started}
+                if self.pcgrad is not None:
+                    record["pcgrad_projections"] = self.state.pcgrad_projections
                 if self.state.step % config.train.log_every == 0:
                     accelerator.log(record, step=self.state.step)
                     if csv_log is not None:
@@ -428,6 +459,8 @@ class Trainer:
                     logger.warning("stopped at step %d; resume with train.resume=latest", self.state.step)
                     break
         progress.close()
+        if not stopped and config.monitor.every and self.state.step > first_step:
+            self._log_monitor()  # the final weights are measured too
         accelerator.end_training()
         if stopped:
             return checkpoint / LORA_FILE
@@ -448,28 +481,47 @@ class Trainer:
         flag = torch.tensor(float(requested), device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
+    def video_fraction(self, step: int) -> float:
+        """Share of a step's micro-batch slots that trained the video task."""
+        return self.tasks.step_tasks(step, self.slots).count(VIDEO) / self.slots
+
     def _log_monitor(self) -> None:
         stats = self.measure_gradients()
+        if self.pcgrad is not None:
+            stats["pcgrad_projections"] = float(self.state.pcgrad_projections)
         self.accelerator.log({f"grad/{k}": v for k, v in stats.items()}, step=self.state.step)
         if self.accelerator.is_main_process:
             self.monitor_log.append(self.state.step, stats)
 
 
 class TrainLog:
-    """train_log.csv: one row per logged step."""
+    """train_log.csv: one row per logged step (per-task losses empty when the step had no slot of that task)."""
 
-    FIELDS = ("step", "task", "loss", "lr", "step_seconds")
+    FIELDS = ("step", "task", "video_fraction", "loss", "loss_identity", "loss_video", "lr", "step_seconds",
+              "pcgrad_projections")
 
     def __init__(self, path: Path):
         self.path = path
 
     def append(self, step: int, task: str, record: dict) -> None:
         new = not self.path.exists()
+        values = {**{k.replace("/", "_"): v for k, v in record.items()}, "step": step, "task": task}
         with self.path.open("a", newline="") as handle:
-            writer = csv.writer(handle)
+            writer = csv.DictWriter(handle, fieldnames=self.FIELDS, extrasaction="ignore")
             if new:
-                writer.writerow(self.FIELDS)
-            writer.writerow([step, task, record["loss"], record["lr"], record["step_seconds"]])
+                writer.writeheader()
+            writer.writerow(values)
+
+
+def monitor_timesteps(count: int, batch_size: int, num_train_timesteps: int, generator: torch.Generator
+                      ) -> list[torch.Tensor | None]:
+    """Timesteps of the gradient monitor's passes: one uniform draw per sample (`count` 1, as in training), or
+    `count` stratified ones: pass k takes t in the k-th of `count` equal bands, at a per-sample offset."""
+    if count == 1:
+        return [None]
+    offsets = torch.rand(batch_size, generator=generator)
+    return [((k + offsets) * num_train_timesteps / count).long().clamp_(max=num_train_timesteps - 1)
+            for k in range(count)]
 
 
 def load_adapter(transformer, path: Path) -> None:
