@@ -215,6 +215,41 @@ class SDVGenPipelineMixin:
             if placed:
                 self._place(mode, self.memory_device)
 
+    def _check_call(
+        self, prompt, prompt_embeds, negative_prompt_embeds, reference_image, reference_latents,
+        reference_guidance_scale: float, output_type: str,
+    ) -> tuple[list[str] | None, int]:
+        """The `__call__` checks every backbone shares; returns the prompts as a list (or None) and the batch size."""
+        if output_type not in ("pt", "latent"):
+            raise SDVGenError(f"output_type {output_type!r} is not one of ['latent', 'pt']")
+        for name, tensor in (("reference_latents", reference_latents), ("prompt_embeds", prompt_embeds),
+                             ("negative_prompt_embeds", negative_prompt_embeds)):
+            if tensor is not None:
+                check_finite(tensor, f"{name} (given by the caller)", non_finite_hint(self.transformer.dtype))
+        if reference_guidance_scale and reference_image is None and reference_latents is None:
+            raise SDVGenError("reference_guidance_scale needs a reference image")
+        if (prompt is None) == (prompt_embeds is None):
+            raise SDVGenError("give either a prompt or prompt_embeds, not both or neither")
+        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+        return prompts, len(prompts) if prompts is not None else prompt_embeds.shape[0]
+
+    def _encode_text(
+        self, prompts, negative_prompt, do_cfg: bool, prompt_embeds, negative_prompt_embeds, **encode_options
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompt and negative embeddings on the execution device in the transformer's dtype, checked finite."""
+        device, dtype = self._execution_device, self.transformer.dtype
+        hint = non_finite_hint(dtype)
+        prompt_embeds, negative_embeds = self.encode_prompt(
+            prompts, negative_prompt, do_cfg, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, device=device, **encode_options,
+        )
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+        check_finite(prompt_embeds, "the prompt embeddings", hint)
+        if negative_embeds is not None:
+            negative_embeds = negative_embeds.to(device=device, dtype=dtype)
+            check_finite(negative_embeds, "the negative prompt embeddings", hint)
+        return prompt_embeds, negative_embeds
+
     def _init_controls(self) -> None:
         """The state the controls above keep; called from each pipeline's `__init__`."""
         self.lora_info: LoraFileInfo | None = None
@@ -401,36 +436,21 @@ class SDVGenPipeline(SDVGenPipelineMixin, CogVideoXPipeline):
         self.check_generation_args(
             height, width, num_frames, num_inference_steps, guidance_scale, reference_guidance_scale, eta
         )
-        if output_type not in ("pt", "latent"):
-            raise SDVGenError(f"output_type {output_type!r} is not one of ['latent', 'pt']")
-        for name, tensor in (("reference_latents", reference_latents), ("prompt_embeds", prompt_embeds),
-                             ("negative_prompt_embeds", negative_prompt_embeds)):
-            if tensor is not None:
-                check_finite(tensor, f"{name} (given by the caller)", non_finite_hint(self.transformer.dtype))
+        prompts, batch_size = self._check_call(
+            prompt, prompt_embeds, negative_prompt_embeds, reference_image, reference_latents,
+            reference_guidance_scale, output_type,
+        )
         # The image is fitted (and checked: NaN, mask size, fit mode) before the text encoder or VAE runs.
         reference_pixels = (
             None if reference_image is None
             else prepare_reference_image(reference_image, height, width, fit=fit, subject_mask=subject_mask)
         )
-        if reference_guidance_scale and reference_image is None and reference_latents is None:
-            raise SDVGenError("reference_guidance_scale needs a reference image")
-        if (prompt is None) == (prompt_embeds is None):
-            raise SDVGenError("give either a prompt or prompt_embeds, not both or neither")
-        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
-        batch_size = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         device = self._execution_device
         dtype = self.transformer.dtype
         do_cfg = guidance_scale > 1.0
-
-        prompt_embeds, negative_embeds = self.encode_prompt(
-            prompts, negative_prompt, do_cfg, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, device=device, dtype=dtype,
+        prompt_embeds, negative_embeds = self._encode_text(
+            prompts, negative_prompt, do_cfg, prompt_embeds, negative_prompt_embeds, dtype=dtype
         )
-        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
-        check_finite(prompt_embeds, "the prompt embeddings", non_finite_hint(self.transformer.dtype))
-        if negative_embeds is not None:
-            negative_embeds = negative_embeds.to(device=device, dtype=dtype)
-            check_finite(negative_embeds, "the negative prompt embeddings", non_finite_hint(self.transformer.dtype))
         if reference_pixels is not None:
             reference_latents = encode_reference(
                 self.vae, reference_pixels, generator=generator, device=self._execution_device

@@ -17,9 +17,7 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMu
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from .errors import ModelLoadError, SDVGenError
-from .lora import LoraFileInfo
 from .pipeline import (
-    MemoryMode,
     SDVGenOutput,
     SDVGenPipelineMixin,
     StepCallback,
@@ -211,33 +209,19 @@ class SDVGenWanPipeline(SDVGenPipelineMixin, WanPipeline):
         self.check_generation_args(
             height, width, num_frames, num_inference_steps, guidance_scale, reference_guidance_scale
         )
-        if output_type not in ("pt", "latent"):
-            raise SDVGenError(f"output_type {output_type!r} is not one of ['latent', 'pt']")
-        hint = non_finite_hint(self.transformer.dtype)
-        for name, tensor in (("reference_latents", reference_latents), ("prompt_embeds", prompt_embeds),
-                             ("negative_prompt_embeds", negative_prompt_embeds)):
-            if tensor is not None:
-                check_finite(tensor, f"{name} (given by the caller)", hint)
+        prompts, batch_size = self._check_call(
+            prompt, prompt_embeds, negative_prompt_embeds, reference_image, reference_latents,
+            reference_guidance_scale, output_type,
+        )
         reference_timestep = parse_reference_timestep(reference_timestep)
-        if reference_guidance_scale and reference_image is None and reference_latents is None:
-            raise SDVGenError("reference_guidance_scale needs a reference image")
-        if (prompt is None) == (prompt_embeds is None):
-            raise SDVGenError("give either a prompt or prompt_embeds, not both or neither")
-        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
-        batch_size = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        hint = non_finite_hint(self.transformer.dtype)
         device = self._execution_device
         dtype = self.transformer.dtype
         do_cfg = guidance_scale > 1.0
-
-        prompt_embeds, negative_embeds = self.encode_prompt(
-            prompts, negative_prompt, do_cfg, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=max_sequence_length, device=device,
+        prompt_embeds, negative_embeds = self._encode_text(
+            prompts, negative_prompt, do_cfg, prompt_embeds, negative_prompt_embeds,
+            max_sequence_length=max_sequence_length,
         )
-        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
-        check_finite(prompt_embeds, "the prompt embeddings", hint)
-        if negative_embeds is not None:
-            negative_embeds = negative_embeds.to(device=device, dtype=dtype)
-            check_finite(negative_embeds, "the negative prompt embeddings", hint)
         if reference_image is not None:
             reference_latents = self.encode_reference_image(
                 reference_image, height, width, fit=fit, subject_mask=subject_mask, generator=generator

@@ -345,7 +345,7 @@ def node_models(tmp_path, tiny_model_dir, lora, monkeypatch):
 
 
 def test_load_node_applies_the_options_and_refuses_bad_ones_before_loading(node_models, monkeypatch, caplog):
-    from nodes.loader import PIPELINE_CACHE, LoadSDVLoRA
+    from nodes.loader import LoadSDVLoRA
 
     node = LoadSDVLoRA()
     spec = LoadSDVLoRA.INPUT_TYPES()
