@@ -331,9 +331,12 @@ def test_damaged_or_finished_checkpoints_are_refused_before_loading(demo, tiny_m
     run = root / "finished"
     checkpoint = run / "checkpoints" / "step-000003"
     checkpoint.mkdir(parents=True)
-    (checkpoint / "trainer_state.json").write_text('{"step": 3, "batches": {"identity": 2, "video": 1}}')
+    (checkpoint / "trainer_state.json").write_text('{"step": 3, "consumed": {"identity": 2, "video": 1}}')
     with pytest.raises(OutputDirError, match=r"at step 3, train.max_steps is 3: nothing to train"):
         Trainer(config_for(demo, tiny_model_dir, "finished", *QUICK, "train.max_steps=3", "train.resume=latest"))
+    (checkpoint / "trainer_state.json").write_text('{"step": 3, "batches": {"identity": 2, "video": 1}}')
+    with pytest.raises(OutputDirError, match=r"written by an earlier sdvgen.*python -m training export"):
+        Trainer(config_for(demo, tiny_model_dir, "finished", *QUICK, "train.resume=latest"))
     (checkpoint / "trainer_state.json").write_text("")
     with pytest.raises(OutputDirError, match=r"trainer_state.json'? is damaged .*train.resume=<its folder>"):
         Trainer(config_for(demo, tiny_model_dir, "finished", *QUICK, "train.resume=latest"))

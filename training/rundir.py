@@ -137,14 +137,27 @@ def plan_run(config: Config, overwrite: bool = False) -> RunPlan:
 
 
 def checkpoint_state(checkpoint: Path) -> dict:
-    """The checkpoint's trainer state; a damaged one names the file and the way out."""
+    """The checkpoint's trainer state; a damaged or outdated one names the file and the way out."""
     path = checkpoint / STATE_FILE
     try:
         state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
+        raise _damaged(path, error) from None
+    if isinstance(state, dict) and "batches" in state and "consumed" not in state:
+        raise OutputDirError(
+            f"{str(path)!r} was written by an earlier sdvgen, which counted batches rather than the items each "
+            f"task consumed, so it cannot be resumed exactly; write its LoRA with `python -m training export "
+            f"--checkpoint {str(checkpoint)!r}`, or start a new run in another train.output_dir"
+        )
+    try:
         return {"step": int(state["step"]), "consumed": {k: int(v) for k, v in state["consumed"].items()}}
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
-        raise OutputDirError(f"{str(path)!r} is damaged ({type(error).__name__}: {error}): resume an earlier "
-                             f"checkpoint with --set train.resume=<its folder>") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise _damaged(path, error) from None
+
+
+def _damaged(path: Path, error: Exception) -> OutputDirError:
+    return OutputDirError(f"{str(path)!r} is damaged ({type(error).__name__}: {error}): resume an earlier "
+                          f"checkpoint with --set train.resume=<its folder>")
 
 
 def check_lora_unchanged(config: Config, checkpoint: Path) -> None:
