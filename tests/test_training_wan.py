@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdvgen_core.backbones import get_backbone, load_pipeline
+from sdvgen_core.evaluation.media import read_video
 from sdvgen_core.lora import WAN_LORA_TARGET_MODULES
 from sdvgen_core.wan_latents import normalize_latents
 from training.__main__ import main as training_cli
@@ -152,10 +153,14 @@ def test_identity_step_feeds_one_target_frame_after_the_reference(wan_demo):
 
 def test_prepare_train_export_and_load_in_the_wan_pipeline(wan_demo, tmp_path, subject_image):
     root = wan_demo
+    reference = tmp_path / "reference.png"
+    subject_image.save(reference)
     args = ["--config", str(TINY_WAN_CONFIG)]
     for override in [*wan_overrides(root, "e2e"), "data.holdout_identity=1", "train.max_steps=3",
                      "train.checkpoint_every=0", "monitor.every=2", "monitor.pcgrad=true", "monitor.pcgrad_buffer=2",
-                     "task.task_draw=global", "task.p_video=0.5", "train.seed=44"]:
+                     "task.task_draw=global", "task.p_video=0.5", "train.seed=44", "validation.every=3",
+                     f"validation.references=[{reference}]", "validation.prompts=[<cls> a mug]",
+                     "validation.num_frames=5", "validation.num_inference_steps=2"]:
         args += ["--set", override]
     assert training_cli(["train", *args]) == 0
     run = root / "e2e"
@@ -164,6 +169,9 @@ def test_prepare_train_export_and_load_in_the_wan_pipeline(wan_demo, tmp_path, s
     assert [int(r["step"]) for r in rows] == [0, 2, 3]
     assert all(math.isfinite(float(r["cosine"])) and float(r["norm_video"]) > 0 for r in rows)
     assert (run / "sdvgen_lora_comfyui.safetensors").is_file()
+    video = run / "validation" / "step-000003-ref0.mp4"  # sampled through the Wan pipeline
+    frames, _ = read_video(video)
+    assert frames.shape[:3] == (5, 64, 96)
 
     output = tmp_path / "wan_lora.safetensors"
     assert training_cli(["export", *args, "-o", str(output), "--dtype", "fp32"]) == 0
