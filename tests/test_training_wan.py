@@ -150,6 +150,12 @@ def test_identity_step_feeds_one_target_frame_after_the_reference(wan_demo):
     timestep = first["timestep"]
     assert torch.all(timestep == timestep[:, :1]) and torch.all((timestep > 0) & (timestep <= 1000))
 
+    # view drop: the identity micro-batch trains text-to-image on its one target frame, without reference tokens
+    dropped = TrainingCache(wan_config(wan_demo, "x", "task.p_view_drop=1"))
+    batch = dropped.load(IDENTITY, dropped.identity[:2], generator, StepRules.from_config(dropped.config))
+    objective.loss(spy, batch, torch.Generator().manual_seed(0))
+    assert spy.calls[-1]["reference_latents"] is None and tuple(spy.calls[-1]["hidden_states"].shape) == (2, 48, 1, 4, 6)
+
 
 def test_prepare_train_export_and_load_in_the_wan_pipeline(wan_demo, tmp_path, subject_image):
     root = wan_demo

@@ -53,7 +53,9 @@ def resolve_backbone(config: Config) -> Backbone:
     if config.data.identity.jitter_px % backbone.vae_scale_spatial:
         raise ConfigError(f"data.identity.jitter_px must be a multiple of {backbone.vae_scale_spatial} (one latent "
                           f"pixel of {backbone.label}); got {config.data.identity.jitter_px}")
-    if list(config.lora.target_modules) == list(LORA_TARGET_MODULES):
+    if list(config.lora.target_modules) == list(LORA_TARGET_MODULES) != list(backbone.lora_target_modules):
+        logger.info("lora.target_modules left at its default: training the %s list %s", backbone.label,
+                    list(backbone.lora_target_modules))
         config.lora.target_modules = list(backbone.lora_target_modules)
     return backbone
 
