@@ -219,3 +219,12 @@ def test_wrong_model_family_is_a_clear_error(wan_demo, capsys):
     with pytest.raises(ConfigError, match="multiples of 32"):
         resolve_backbone(wan_config(wan_demo, "x", "data.height=48"))
     assert get_backbone("wan22").vae_class.__name__ == "AutoencoderKLWan"
+
+
+def test_demo_data_keeps_a_model_of_the_other_family(wan_demo, tmp_path):
+    import shutil
+
+    shutil.copytree(wan_demo / "model", tmp_path / "model")
+    with pytest.raises(ConfigError, match="already holds a tiny wan22 model, not cogvideox"):
+        make_demo_data(tmp_path, family="cogvideox")
+    assert not (tmp_path / "videos").exists()
