@@ -23,8 +23,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str = ""  # diffusers folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/): CogVideoX-5B or Wan 2.2 TI2V-5B
-    family: str = "auto"  # auto (from transformer/config.json) | cogvideox | wan22; a family the folder is not is an error
+    path: str = ""  # CogVideoX-5B or Wan 2.2 TI2V-5B diffusers folder (transformer/, vae/, text_encoder/, ...)
+    family: str = "auto"  # auto (from transformer/config.json) | cogvideox | wan22 (must match the folder)
     dtype: str = "bf16"  # weight dtype of the frozen models: bf16 | fp16 | fp32
     vae_tiling: bool = True  # VAE tiling + slicing while caching (needed at 720x480 on one GPU)
 
@@ -91,8 +91,8 @@ class TaskConfig:
 class FlowConfig:
     """Flow-matching objective (Wan 2.2); CogVideoX trains v-prediction and ignores this section."""
 
-    shift: float = 0.0  # sigma shift: sigma = s*u / (1 + (s-1)*u); 0 = the folder's scheduler flow_shift (5 for TI2V-5B)
-    weighting_scheme: str = "none"  # u sampling (diffusers compute_density_for_timestep_sampling): none | logit_normal | mode
+    shift: float = 0.0  # sigma = s*u / (1 + (s-1)*u); 0 = the folder's scheduler flow_shift (5 for TI2V-5B)
+    weighting_scheme: str = "none"  # how u is drawn (compute_density_for_timestep_sampling): none | logit_normal | mode
 
 
 @dataclass
