@@ -3,9 +3,11 @@ and the paper recipe extrapolated to GPU-hours.
 
     python bench/train_steps.py                                           # CPU: mid-size model, ratios only
     python bench/train_steps.py --model 5b --device cuda --dtype bf16 --height 480 --width 720 --lora-rank 128
+    python bench/train_steps.py --family wan22                            # Wan 2.2 TI2V: flow matching
 
-One step = forward + backward of the v-prediction loss (the trainer's own `v_prediction_loss`) with the LoRA
-trainable, gradient checkpointing on, one identity pair or one clip per micro-batch.
+One step = forward + backward of the trainer's own loss (CogVideoX: `v_prediction_loss`; Wan 2.2: the
+flow-matching objective with per-token timesteps) with the LoRA trainable, gradient checkpointing on, one
+identity pair or one clip per micro-batch.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import benchmark_parser, parse, interleaved_medians, machine_info, report, synchronize  # noqa: E402
-from models import TRANSFORMER  # noqa: E402
-from reference_overhead import TEXT_TOKENS, transformer_flops  # noqa: E402
+from models import TRANSFORMER, WAN_TRANSFORMER  # noqa: E402
+from reference_overhead import TEXT_TOKENS, WAN_TEXT_TOKENS, transformer_flops, wan_flops  # noqa: E402
 
-from sdvgen_core.lora import DEFAULT_ADAPTER, make_lora_config  # noqa: E402
+from sdvgen_core.lora import DEFAULT_ADAPTER, WAN_LORA_TARGET_MODULES, make_lora_config  # noqa: E402
 from sdvgen_core.presets import cogvideox_5b_scheduler  # noqa: E402
 from sdvgen_core.transformer import SDVGenTransformer3DModel  # noqa: E402
-from training.batches import Batch, token_keep_indices  # noqa: E402
+from sdvgen_core.wan_presets import WAN22_FLOW_SHIFT, WAN22_LATENT_CHANNELS  # noqa: E402
+from sdvgen_core.wan_transformer import SDVGenWanTransformer3DModel  # noqa: E402
+from training.batches import Batch, reference_keep_indices  # noqa: E402
+from training.families import FlowMatchingObjective  # noqa: E402
 from training.trainer import v_prediction_loss  # noqa: E402
 
 # The paper's recipe (appendix A) and its reported cost.
@@ -44,6 +49,13 @@ def step_flops(width: int, layers: int, tokens_per_frame: int, latent_frames: in
     reference = tokens_per_frame * (1 - p_token_drop if latent_frames > 1 else 1)
     tokens = TEXT_TOKENS + reference + latent_frames * tokens_per_frame
     return CHECKPOINTED_TRAINING_FLOPS * transformer_flops(width, layers, int(tokens))
+
+
+def wan_step_flops(width: int, ffn: int, layers: int, tokens_per_frame: int, latent_frames: int,
+                   p_token_drop: float) -> float:
+    """Wan training FLOPs of one sample: the target frames plus the reference frame (after the drop on video)."""
+    reference = tokens_per_frame * (1 - p_token_drop if latent_frames > 1 else 1)
+    return CHECKPOINTED_TRAINING_FLOPS * wan_flops(width, ffn, layers, int(reference + latent_frames * tokens_per_frame))
 
 
 def paper_recipe_seconds(image_sample_s: float, video_sample_s: float) -> float:
@@ -75,8 +87,11 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=4, help="clips for the data-loader throughput")
     parser.add_argument("--demo-prepare", action="store_true",
                         help="also time `prepare` on the tiny demo data (cache miss, then hit)")
+    parser.add_argument("--family", choices=["cogvideox", "wan22"], default="cogvideox")
     args, device, dtype = parse(parser)
     torch.manual_seed(0)
+    if args.family == "wan22":
+        return wan_main(args, device, dtype)
     config = dict(TRANSFORMER[args.model], use_rotary_positional_embeddings=True, sample_frames=49)
     model = SDVGenTransformer3DModel(**config).to(device, dtype)
     model.add_adapter(make_lora_config(args.lora_rank, args.lora_rank / 2, 0.1), adapter_name=DEFAULT_ADAPTER)
@@ -103,24 +118,12 @@ def main() -> None:
         )
 
     identity = batch(1, None)
-    video = batch(latent_frames, token_keep_indices(tokens_per_frame, args.p_token_drop, generator))
+    video = batch(latent_frames, reference_keep_indices(tokens_per_frame, "token", args.p_token_drop, generator))
     peaks: dict[str, str] = {}
-
-    def train_step(which: Batch, name: str):
-        def run():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            model.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = v_prediction_loss(model, scheduler, which, generator)
-            loss.backward()
-            if device.type == "cuda":
-                synchronize(device)
-                peaks[name] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}"
-        return run
-
+    loss = lambda which: v_prediction_loss(model, scheduler, which, generator)  # noqa: E731
     medians = interleaved_medians(
-        {"identity": train_step(identity, "identity"), "video": train_step(video, "video")},
+        {"identity": train_step(model, loss, identity, "identity", device, dtype, peaks),
+         "video": train_step(model, loss, video, "video", device, dtype, peaks)},
         device, args.warmup, args.repeats,
     )
     width = config["num_attention_heads"] * config["attention_head_dim"]
@@ -173,6 +176,95 @@ def main() -> None:
     if args.demo_prepare:
         loader += prepare_hit_vs_miss()
     report("training_data", loader, info, args.out)
+
+
+def train_step(model, loss_of, which: Batch, name: str, device: torch.device, dtype: torch.dtype,
+               peaks: dict[str, str]):
+    """A timed closure: one forward + backward of `loss_of(which)`, peak memory recorded on CUDA."""
+    def run():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = loss_of(which)
+        loss.backward()
+        if device.type == "cuda":
+            synchronize(device)
+            peaks[name] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}"
+    return run
+
+
+WAN_RECIPE_SIZE = (121, 704, 1280)  # training/configs/wan22_ti2v5b.yaml: 31 latent frames of 880 tokens
+
+
+def wan_main(args, device: torch.device, dtype: torch.dtype) -> None:
+    """Wan 2.2 TI2V: identity vs video step of the trainer's flow-matching objective, and the recipe's cost."""
+    config = WAN_TRANSFORMER[args.model]
+    model = SDVGenWanTransformer3DModel(**config).to(device, dtype)
+    model.add_adapter(make_lora_config(args.lora_rank, args.lora_rank / 2, 0.0, WAN_LORA_TARGET_MODULES),
+                      adapter_name=DEFAULT_ADAPTER)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    model.enable_gradient_checkpointing()
+    model.train()
+    objective = FlowMatchingObjective(WAN22_FLOW_SHIFT, "none", "b c t h w", tuple(config["patch_size"]), "clean")
+
+    latent_frames = (args.frames - 1) // 4 + 1
+    h, w = args.height // 16, args.width // 16
+    tokens_per_frame = (h // 2) * (w // 2)
+    text = torch.randn(1, WAN_TEXT_TOKENS, config["text_dim"], device=device, dtype=dtype)
+    generator = torch.Generator().manual_seed(0)
+
+    def batch(frames: int, keep: torch.Tensor | None) -> Batch:  # the cache's `b t c h w` layout
+        shape = (1, frames, WAN22_LATENT_CHANNELS, h, w)
+        return Batch(task="video" if frames > 1 else "identity", latents=torch.randn(shape, device=device, dtype=dtype),
+                     text=text, reference=torch.randn(1, 1, WAN22_LATENT_CHANNELS, h, w, device=device, dtype=dtype),
+                     keep_indices=None if keep is None else keep.to(device))
+
+    identity = batch(1, None)
+    video = batch(latent_frames, reference_keep_indices(tokens_per_frame, "token", args.p_token_drop, generator))
+    peaks: dict[str, str] = {}
+    loss = lambda which: objective.loss(model, which, generator)  # noqa: E731
+    medians = interleaved_medians(
+        {"identity": train_step(model, loss, identity, "identity", device, dtype, peaks),
+         "video": train_step(model, loss, video, "video", device, dtype, peaks)},
+        device, args.warmup, args.repeats,
+    )
+    width, ffn, layers = config["num_attention_heads"] * config["attention_head_dim"], config["ffn_dim"], config["num_layers"]
+    flops_img = wan_step_flops(width, ffn, layers, tokens_per_frame, 1, args.p_token_drop)
+    flops_vid = wan_step_flops(width, ffn, layers, tokens_per_frame, latent_frames, args.p_token_drop)
+    rows = [{
+        "model": f"wan22-{args.model}",
+        "size": f"{args.frames}x{args.height}x{args.width}",
+        "LoRA rank": str(args.lora_rank),
+        "identity step s": f"{medians['identity']:.3f}",
+        "video step s": f"{medians['video']:.3f}",
+        "video / identity": f"{medians['video'] / medians['identity']:.1f}",
+        "FLOP ratio": f"{flops_vid / flops_img:.1f}",
+        "identity peak GiB": peaks.get("identity", "n/a (CPU)"),
+        "video peak GiB": peaks.get("video", "n/a (CPU)"),
+    }]
+    info = machine_info(device) | {"setting": f"{args.dtype}, gradient checkpointing, p_token_drop {args.p_token_drop}"}
+    report(f"training_steps_wan22_{args.model}_{device.type}", rows, info, args.out)
+
+    five_b = WAN_TRANSFORMER["5b"]
+    frames, height, width_px = WAN_RECIPE_SIZE
+    recipe_tokens, recipe_frames = (height // 32) * (width_px // 32), (frames - 1) // 4 + 1
+    flops_5b = [wan_step_flops(3072, five_b["ffn_dim"], five_b["num_layers"], recipe_tokens, t, args.p_token_drop)
+                for t in (1, recipe_frames)]
+    recipe_flops = paper_recipe_seconds(*flops_5b)
+    estimates = [{
+        "source": f"FLOP model, Wan2.2-TI2V-5B at {frames}x{height}x{width_px}, {gpu} at {ASSUMED_MFU:.0%} of bf16 peak",
+        "video/identity cost": f"{flops_5b[1] / flops_5b[0]:.1f}",
+        "GPU-hours": f"{recipe_flops / (PEAK_BF16_TFLOPS[gpu] * 1e12 * ASSUMED_MFU) / 3600:.0f}",
+    } for gpu in ("A100", "H100")]
+    if args.model == "5b" and device.type == "cuda":
+        measured = paper_recipe_seconds(medians["identity"], medians["video"]) / 3600
+        estimates.append({"source": f"measured step times on {machine_info(device)['accelerator']}",
+                          "video/identity cost": f"{medians['video'] / medians['identity']:.1f}",
+                          "GPU-hours": f"{measured:.0f}"})
+    report("training_recipe_estimate_wan22", estimates, info, args.out)
 
 
 def prepare_hit_vs_miss() -> list[dict[str, str]]:

@@ -56,6 +56,10 @@ class Backbone:
     pipeline_class_name: str
     transformer_class_name: str
     reference_options: tuple[str, ...]  # extra `__call__` options this family has
+    vae_class_name: str  # diffusers class of vae/
+    vae_dtype: str | None  # None: the model dtype; "fp32": the family's pipeline keeps its VAE in fp32
+    vae_channels_key: str  # vae/config.json key with the latent channel count
+    vae_normalization_keys: tuple[str, ...]  # vae/config.json keys `normalize_latents` reads (cached by training)
 
     @property
     def pipeline_class(self) -> type:
@@ -69,6 +73,12 @@ class Backbone:
 
         module = ".transformer" if self.family == COGVIDEOX else ".wan_transformer"
         return getattr(importlib.import_module(module, __package__), self.transformer_class_name)
+
+    @property
+    def vae_class(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.vae_class_name)
 
     def normalize_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
         """Raw VAE posterior sample -> the transformer's latent space (what training noises and sampling makes)."""
@@ -117,7 +127,8 @@ def _cogvideox() -> Backbone:
         latent_layout="b t c h w", vae_scale_spatial=8, vae_scale_temporal=4, text_encoder_class="T5EncoderModel",
         tokenizer_class="T5Tokenizer", max_text_tokens=226, pipeline_module=".pipeline",
         pipeline_class_name="SDVGenPipeline", transformer_class_name="SDVGenTransformer3DModel",
-        reference_options=("use_dynamic_cfg", "eta"),
+        reference_options=("use_dynamic_cfg", "eta"), vae_class_name="AutoencoderKLCogVideoX", vae_dtype=None,
+        vae_channels_key="latent_channels", vae_normalization_keys=("scaling_factor",),
     )
 
 
@@ -132,6 +143,8 @@ def _wan22() -> Backbone:
         text_encoder_class="UMT5EncoderModel", tokenizer_class="T5Tokenizer", max_text_tokens=512,
         pipeline_module=".wan_pipeline", pipeline_class_name="SDVGenWanPipeline",
         transformer_class_name="SDVGenWanTransformer3DModel", reference_options=("reference_timestep",),
+        vae_class_name="AutoencoderKLWan", vae_dtype="fp32", vae_channels_key="z_dim",
+        vae_normalization_keys=("latents_mean", "latents_std", "z_dim"),
     )
 
 

@@ -25,6 +25,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
                            "--lora-rank", "4"], "generation_tiny_cpu"),
         ("train_steps.py", ["--model", "tiny", "--frames", "5", "--height", "32", "--width", "48", "--lora-rank", "4",
                             "--warmup", "0", "--repeats", "1", "--clips", "1"], "training_steps_tiny_cpu"),
+        ("train_steps.py", ["--family", "wan22", "--model", "tiny", "--frames", "5", "--height", "64", "--width", "96",
+                            "--lora-rank", "4", "--warmup", "0", "--repeats", "1"], "training_steps_wan22_tiny_cpu"),
         ("text_encoder_load.py", ["--model", "tiny", "--repeats", "1"], "text_encoder_load_tiny_cpu"),
     ],
 )

@@ -15,6 +15,7 @@ from .data import DataError
 
 USAGE_EXAMPLES = """examples:
   python -m training make-demo-data --root demo        # tiny model + generated media for tiny_cpu.yaml
+  python -m training make-demo-data --root demo-wan --family wan22   # the same for tiny_wan_cpu.yaml
   python -m training prepare --config training/configs/tiny_cpu.yaml
   accelerate launch --config_file training/accelerate/multi_gpu.yaml -m training train \\
       --config training/configs/paper_cogvideox5b.yaml --set optim.lr=1e-4 --set train.resume=latest
@@ -31,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo = commands.add_parser("make-demo-data", help="write a tiny random model and synthetic training media")
     demo.add_argument("--root", default="demo", help="folder to fill (default: demo, as tiny_cpu.yaml expects)")
     demo.add_argument("--overwrite", action="store_true", help="rewrite the demo media in a folder that holds files")
+    demo.add_argument("--family", default="cogvideox", choices=("cogvideox", "wan22"),
+                      help="tiny model to build: cogvideox (for tiny_cpu.yaml) or wan22 (for tiny_wan_cpu.yaml)")
     plot = commands.add_parser("plot-monitor", help="overlay the gradient monitors of one or more runs in one PNG")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="train.output_dir of each run")
     plot.add_argument("--output", "-o", required=True, help="PNG file to write")
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "make-demo-data":
             from .demo import make_demo_data
 
-            print(make_demo_data(args.root, overwrite=args.overwrite))
+            print(make_demo_data(args.root, overwrite=args.overwrite, family=args.family))
             return 0
         config = load_config(args.config, args.overrides)
         config.validate()

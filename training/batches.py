@@ -13,9 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .cachefiles import check_items, header, read_item
+from .cachefiles import check_items, header, read_item, read_meta
+from sdvgen_core.backbones import Backbone
+
 from .config import Config, ConfigError
 from .data import DataError
+from .families import CachedLatents, resolve_backbone
 from .prepare import check_cache_meta, check_video_set_nonempty
 
 IDENTITY, VIDEO = "identity", "video"
@@ -94,34 +97,36 @@ def jitter_offsets(margin: int, batch: int, generator: torch.Generator) -> torch
     return torch.randint(0, 2 * margin + 1, (batch, 2, 2), generator=generator)
 
 
-def _sample_latent(stats: dict[str, torch.Tensor], name: str, scale: float, generator: torch.Generator):
-    mean, std = stats[f"{name}.mean"].float(), stats[f"{name}.std"].float()
-    return (mean + std * torch.randn(mean.shape, generator=generator)) * scale
-
-
 @dataclass
 class Batch:
     task: str
-    latents: torch.Tensor  # [B, T, C, h, w] clean target latents
-    text: torch.Tensor  # [B, 226, D]
+    latents: torch.Tensor  # [B, T, C, h, w] clean target latents (the objective rearranges to the model's layout)
+    text: torch.Tensor  # [B, L, D] (L: 226 T5 tokens for CogVideoX, 512 UMT5 tokens for Wan)
     reference: torch.Tensor | None  # [B, 1, C, h, w]
     keep_indices: torch.Tensor | None  # [K] reference tokens kept
+
+
+def require_prepared_cache(root: Path) -> None:
+    """`DataError` unless `prepare` finished a cache in `root` (checked before anything else is read)."""
+    meta = read_meta(root)
+    if meta is None:
+        raise DataError(f"no prepared cache in {str(root)!r}: run `python -m training prepare` first")
+    if meta.get("complete") is False:
+        raise DataError(f"`prepare` did not finish the cache in {str(root)!r}: re-run it with the same config")
 
 
 class TrainingCache:
     """The prepared items, split into training and held-out (gradient monitor) sets."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, backbone: Backbone | None = None):
         self.config = config
         root = Path(config.data.cache_dir)
-        meta = check_cache_meta(root, config)
-        if meta is None:
-            raise DataError(f"no prepared cache in {str(root)!r}: run `python -m training prepare` first")
-        if meta.get("complete") is False:
-            raise DataError(f"`prepare` did not finish the cache in {str(root)!r}: re-run it with the same config")
-        self.meta = meta
-        self.scale = float(self.meta["scaling_factor"])
-        self.margin = config.data.identity.jitter_px // 8
+        require_prepared_cache(root)  # the first thing to fix, before the model folder is read
+        backbone = backbone or resolve_backbone(config)
+        self.meta = meta = check_cache_meta(root, config, backbone)
+        self.latent_scale = backbone.vae_scale_spatial
+        self.latents = CachedLatents(backbone, meta)
+        self.margin = config.data.identity.jitter_px // self.latent_scale
         identity_files = sorted((root / IDENTITY).glob("*.safetensors"))
         video_files = sorted((root / VIDEO).glob("*.safetensors"))
         check_items(identity_files, IDENTITY, meta)  # headers only: a broken file is named before models load
@@ -147,14 +152,14 @@ class TrainingCache:
         return self._video_batch(entries, generator, step_rules)
 
     def _identity_batch(self, pairs: list[tuple[Path, int]], generator, rules: "StepRules") -> Batch:
-        height, width = self.config.data.height // 8, self.config.data.width // 8
+        height, width = self.config.data.height // self.latent_scale, self.config.data.width // self.latent_scale
         offsets = jitter_offsets(self.margin, len(pairs), generator)
         targets, references, texts = [], [], []
         for (path, target_view), offset in zip(pairs, offsets):
             stats = read_item(path)
             views = []
             for slot, view in enumerate((1 - target_view, target_view)):
-                latent = _sample_latent(stats, f"view{view}", self.scale, generator)
+                latent = self.latents.sample(stats, f"view{view}", generator)
                 top, left = offset[slot].tolist()
                 views.append(latent[:, top:top + height, left:left + width])
             references.append(views[0])
@@ -175,10 +180,10 @@ class TrainingCache:
         latents, references, texts = [], [], []
         for path in paths:
             stats = read_item(path)
-            latents.append(_sample_latent(stats, "video", self.scale, generator))
+            latents.append(self.latents.sample(stats, "video", generator))
             frame = reference_frames(stats["frames.mean"].shape[0], 1, rules.reference_frame, generator).item()
             frame_stats = {f"frame.{k}": stats[f"frames.{k}"][frame] for k in ("mean", "std")}
-            references.append(_sample_latent(frame_stats, "frame", self.scale, generator))
+            references.append(self.latents.sample(frame_stats, "frame", generator))
             texts.append(stats["text"].float())
         reference = torch.stack(references)[:, None] if rules.video_conditioning == "i2v" else None
         keep = None

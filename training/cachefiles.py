@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from sdvgen_core.backbones import Backbone
 from sdvgen_core.files import atomic_write_text
-from sdvgen_core.prompts import MAX_TEXT_TOKENS
 
 from .config import Config
 from .data import DataError
@@ -51,16 +51,16 @@ def write_meta(root: Path, meta: dict) -> None:
     atomic_write_text(root / META_FILE, json.dumps(meta, indent=2))
 
 
-def item_shapes(config: Config, vae_config, text_dim: int) -> dict[str, dict[str, list[int]]]:
+def item_shapes(config: Config, backbone: Backbone, vae_config, text_dim: int) -> dict[str, dict[str, list[int]]]:
     """Expected tensor shapes of a cached item per kind (`name.mean/.std` share a shape; `text*` one)."""
     data = config.data
-    ratio = 2 ** (len(vae_config.block_out_channels) - 1)
-    channels = vae_config.latent_channels
+    ratio = backbone.vae_scale_spatial
+    channels = vae_config[backbone.vae_channels_key]
     margin = 2 * data.identity.jitter_px
     frames = data.video.num_frames
-    latent_frames = (frames - 1) // vae_config.temporal_compression_ratio + 1
+    latent_frames = (frames - 1) // backbone.vae_scale_temporal + 1
     latent = [data.height // ratio, data.width // ratio]
-    text = [MAX_TEXT_TOKENS, text_dim]
+    text = [backbone.max_text_tokens, text_dim]
     return {
         "identity": {"view0": [channels, (data.height + margin) // ratio, (data.width + margin) // ratio],
                      "view1": [channels, (data.height + margin) // ratio, (data.width + margin) // ratio],

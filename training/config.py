@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str = ""  # CogVideoX diffusers folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/)
+    path: str = ""  # CogVideoX-5B or Wan 2.2 TI2V-5B diffusers folder (transformer/, vae/, text_encoder/, ...)
+    family: str = "auto"  # auto (from transformer/config.json) | cogvideox | wan22 (must match the folder)
     dtype: str = "bf16"  # weight dtype of the frozen models: bf16 | fp16 | fp32
     vae_tiling: bool = True  # VAE tiling + slicing while caching (needed at 720x480 on one GPU)
 
@@ -68,6 +69,7 @@ class LoraSettings:
     rank: int = 128
     alpha: float = 64.0
     dropout: float = 0.0  # the run's; the paper text says 0.1
+    # The CogVideoX list doubles as "the family's default": left unchanged, a Wan model trains WAN_LORA_TARGET_MODULES.
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
 
 
@@ -82,6 +84,15 @@ class TaskConfig:
     video_conditioning: str = "i2v"  # i2v | t2v (video steps without reference: T2V ablation)
     schedule: str = "dual"  # dual (stochastic switch) | two_stage (identity, then video)
     two_stage_switch_step: int = 0  # two_stage: first step of the video stage (0: train.max_steps // 2)
+    reference_timestep: str = "clean"  # Wan only: clean (timestep 0 for reference tokens, as inference) | video
+
+
+@dataclass
+class FlowConfig:
+    """Flow-matching objective (Wan 2.2); CogVideoX trains v-prediction and ignores this section."""
+
+    shift: float = 0.0  # sigma = s*u / (1 + (s-1)*u); 0 = the folder's scheduler flow_shift (5 for TI2V-5B)
+    weighting_scheme: str = "none"  # how u is drawn (compute_density_for_timestep_sampling): none | logit_normal | mode
 
 
 @dataclass
@@ -142,6 +153,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     task: TaskConfig = field(default_factory=TaskConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -153,7 +165,12 @@ class Config:
 
         check_limits(self)
         checks = [
-            (self.model.path, "model.path must name a CogVideoX diffusers folder"),
+            (self.model.path, "model.path must name a CogVideoX-5B or Wan 2.2 TI2V-5B diffusers folder"),
+            (self.model.family in ("auto", "cogvideox", "wan22"), "model.family must be auto, cogvideox or wan22"),
+            (self.task.reference_timestep in ("clean", "video"), "task.reference_timestep must be clean or video"),
+            (self.flow.shift >= 0, "flow.shift must be >= 0 (0: the model folder's scheduler flow_shift)"),
+            (self.flow.weighting_scheme in ("none", "logit_normal", "mode"),
+             "flow.weighting_scheme must be none, logit_normal or mode"),
             (self.model.dtype in ("bf16", "fp16", "fp32"), "model.dtype must be bf16, fp16 or fp32"),
             (self.data.cache_dtype in ("bf16", "fp16", "fp32"), "data.cache_dtype must be bf16, fp16 or fp32"),
             (self.data.height % 16 == 0 and self.data.width % 16 == 0, "data.height/width must be multiples of 16"),

@@ -1,9 +1,11 @@
-"""Generated demo data for `training/configs/tiny_cpu.yaml`: a tiny random CogVideoX and synthetic media.
+"""Generated demo data for `training/configs/tiny_cpu.yaml` (a tiny random CogVideoX) and
+`training/configs/tiny_wan_cpu.yaml` (`family="wan22"`: a tiny random Wan 2.2 TI2V model), with synthetic media.
 
-Writes, under `root`: `model/` (sdvgen_core's tiny preset), `subjects200k/train-0.parquet` (the
+Writes, under `root`: `model/` (sdvgen_core's tiny preset, `tiny` or `tiny-wan`), `subjects200k/train-0.parquet` (the
 Subjects200K layout: 1056x528 composites with two views, descriptions, quality scores, some below the
 threshold), `pairs/pairs.jsonl` (plain pairs, one pointing at a corrupt image) and `videos/` (moving-shape
-clips with sidecar captions, plus one corrupt clip and one without a caption). Nothing is downloaded.
+clips with sidecar captions at 128x96, a multiple of 32 as Wan needs, plus one corrupt clip and one without a
+caption). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from sdvgen_core.backbones import COGVIDEOX, FAMILIES, WAN22
 from sdvgen_core.presets import build_tiny_model
+from sdvgen_core.wan_presets import build_tiny_wan_model
 from sdvgen_core.video import write_mp4
 
 from .config import ConfigError
@@ -107,19 +111,29 @@ def write_pairs(folder: Path, count: int) -> tuple[Path, list[dict]]:
 
 
 DEMO_FOLDERS = ("subjects200k", "pairs", "videos")
+TINY_MODEL_BUILDERS = {COGVIDEOX: build_tiny_model, WAN22: build_tiny_wan_model}
 
 
 def make_demo_data(root: str | Path, subjects200k_rows: int = 8, pairs: int = 2, videos: int = 4,
-                   build_model: bool = True, overwrite: bool = False) -> Path:
+                   build_model: bool = True, overwrite: bool = False, family: str = COGVIDEOX) -> Path:
     """Fill `root`; media folders that already hold files are rewritten only with `overwrite` (a folder of
-    real data given by mistake is never overwritten); an existing `model/` is kept."""
+    real data given by mistake is never overwritten); an existing `model/` is kept if it is of `family`."""
     root = Path(root)
+    if family not in TINY_MODEL_BUILDERS:
+        raise ConfigError(f"--family {family!r} is not one of {list(FAMILIES)}")
     taken = [name for name in DEMO_FOLDERS if (root / name).is_dir() and any((root / name).iterdir())]
     if taken and not overwrite:
         raise ConfigError(f"--root {str(root)!r} already holds {', '.join(f'{n}/' for n in taken)}: choose an empty "
                           f"folder, or pass --overwrite to rewrite the demo media there")
-    if build_model and not (root / "model" / "model_index.json").is_file():
-        build_tiny_model(root / "model")
+    model = root / "model"
+    if build_model and (model / "model_index.json").is_file():
+        from sdvgen_core.backbones import detect_family
+
+        if detect_family(model) != family:
+            raise ConfigError(f"{str(model)!r} already holds a tiny {detect_family(model)} model, not {family}: "
+                              f"use another --root for the {family} demo")
+    elif build_model:
+        TINY_MODEL_BUILDERS[family](model)
     write_subjects200k(root / "subjects200k" / "train-0.parquet", subjects200k_rows)
     jsonl, lines = write_pairs(root / "pairs", pairs)
     (root / "pairs" / "broken.png").write_bytes(b"not an image")

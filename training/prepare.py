@@ -1,19 +1,21 @@
 """`prepare`: encode every training item once (VAE latent statistics, T5 embeddings) into a safetensors cache.
 
 Layout of `data.cache_dir`:
-    meta.json                   sizes, VAE scaling factor, `<cls>` wiring, expected item shapes; `train` checks
+    meta.json                   family, sizes, VAE normalisation values, `<cls>` wiring, expected item shapes; `train` checks
                                 it against its config (written first with "complete": false, then true)
     identity/<key>.safetensors  view{0,1}.mean/.std `[C, h+2j, w+2j]` (j = jitter margin in latent pixels),
-                                text.{0,1} `[226, D]` (caption of view i as the target; absent if never a target)
+                                text.{0,1} `[L, D]` (caption of view i as the target; absent if never a target;
+                                L = 226 T5 tokens for CogVideoX, 512 UMT5 tokens for Wan)
     video/<key>.safetensors     video.mean/.std `[T, C, h, w]`; frames.mean/.std `[F, C, h, w]` (every frame
                                 encoded alone as a 1-frame video, so `train` can pick a random reference frame);
-                                text `[226, D]`
+                                text `[L, D]`
     report-rank<r>.json         skipped inputs by reason (and broken cache files redone)
     items-rank<r>.json          the items each rank's share of the sources produces
     stale/<kind>/               items the configured sources no longer produce, set aside (not used by `train`)
 
-The latent *distribution* (mean, std) is stored, not a sample: `train` draws a fresh sample every step, as
-encoding on the fly would. Items are split round-robin across ranks; finished files are skipped, so an
+The latent *distribution* (mean, std) of the raw VAE posterior is stored, not a sample: `train` draws a fresh
+sample every step, as encoding on the fly would, and normalises it as the family's pipeline does
+(`Backbone.normalize_latents`: CogVideoX's scaling factor, Wan's per-channel latents_mean/latents_std). Items are split round-robin across ranks; finished files are skipped, so an
 interrupted run resumes where it stopped; existing files are verified against `meta.json`'s shapes (see
 `cachefiles.py`) and broken ones redone. Every file is written to a temporary name and renamed.
 """
@@ -32,9 +34,9 @@ from einops import rearrange
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from sdvgen_core.backbones import COGVIDEOX, Backbone
 from sdvgen_core.files import atomic_output, atomic_write_text
 from sdvgen_core.pipeline import resolve_dtype
-from sdvgen_core.prompts import encode_prompts
 from sdvgen_core.reference import FitMode, fit_to_size, image_to_tensor
 
 from .cachefiles import item_problem, item_shapes, read_meta, write_meta
@@ -51,6 +53,7 @@ from .data import (
     video_files,
     video_records,
 )
+from .families import resolve_backbone, vae_normalization
 from .models import flush_subnormals_on_cpu, load_text_encoder, load_vae
 from .rundir import check_writable
 
@@ -75,11 +78,18 @@ def cache_meta(config: Config) -> dict:
     }
 
 
-def check_cache_meta(root: Path, config: Config) -> dict | None:
+def check_cache_meta(root: Path, config: Config, backbone: Backbone) -> dict | None:
     """The cache's recorded settings (None for a new cache); `DataError` when they differ from `config`'s."""
     meta = read_meta(root)
     if meta is None:
         return None
+    cached_family = meta.get("family", COGVIDEOX)  # caches from before Wan support are CogVideoX caches
+    if cached_family != backbone.family:
+        raise DataError(
+            f"the cache in {str(root)!r} was prepared for the {cached_family} backbone, but model.path "
+            f"{config.model.path!r} is {backbone.label} ({backbone.family}): latents and text embeddings of "
+            f"another family cannot be used; point data.cache_dir to a new folder and run prepare"
+        )
     expected = cache_meta(config)
     changed = sorted(k for k in expected if meta.get(k) != expected[k])
     if changed:
@@ -98,26 +108,28 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 class Encoder:
     """VAE and T5 on the accelerator, producing cache tensors."""
 
-    def __init__(self, config: Config, device: torch.device):
+    def __init__(self, config: Config, backbone: Backbone, device: torch.device):
         self.device = device
+        self.backbone = backbone
         self.store_dtype = resolve_dtype(config.data.cache_dtype)
-        self.vae = load_vae(config.model.path, config.model.dtype).to(device)
+        self.vae = load_vae(config.model.path, config.model.dtype, backbone).to(device)
         if config.model.vae_tiling:
             self.vae.enable_slicing()
             self.vae.enable_tiling()
-        self.tokenizer, text_encoder, self.cls_info = load_text_encoder(config.model.path, config.model.dtype)
+        self.tokenizer, text_encoder, self.cls_info = load_text_encoder(config.model.path, config.model.dtype, backbone)
         self.text_encoder = text_encoder.to(device)
 
     @torch.no_grad()
     def latent_stats(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[B, T, 3, H, W]` in 0..1 -> latent mean and std, each `[B, t, C, h, w]`."""
+        """`[B, T, 3, H, W]` in 0..1 -> raw posterior mean and std, each `[B, t, C, h, w]`."""
         pixels = rearrange(video * 2.0 - 1.0, "b t c h w -> b c t h w").to(self.device, self.vae.dtype)
         dist = self.vae.encode(pixels).latent_dist
         return tuple(rearrange(x, "b c t h w -> b t c h w").to("cpu", self.store_dtype) for x in (dist.mean, dist.std))
 
     @torch.no_grad()
     def text(self, prompts: list[str]) -> torch.Tensor:
-        embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts, self.device, self.text_encoder.dtype)
+        embeds = self.backbone.encode_prompts(self.tokenizer, self.text_encoder, prompts, self.device,
+                                              self.text_encoder.dtype)
         return embeds.to("cpu", self.store_dtype)
 
 
@@ -180,19 +192,20 @@ def check_video_set_nonempty(config: Config, count: int, where: str) -> None:
 def run_prepare(config: Config) -> dict[str, int]:
     """Fill the cache; returns the summed skip counts (main process)."""
     accelerator = Accelerator()  # only for ranks and barriers: the encoders run in model.dtype
+    backbone = resolve_backbone(config)
     cache = Path(config.data.cache_dir)
-    check_cache_meta(cache, config)  # cached items are reused by name: they must have been made the same way
+    check_cache_meta(cache, config, backbone)  # cached items are reused by name: they must have been made the same way
     check_video_set_nonempty(config, len(video_files(config.data.video)), f"in {config.data.video.folders}")
     check_writable(cache, "data.cache_dir")
     for sub in ("identity", "video"):
         (cache / sub).mkdir(parents=True, exist_ok=True)
     flush_subnormals_on_cpu(accelerator.device)
-    encoder = Encoder(config, accelerator.device)
-    meta = cache_meta(config) | {
-        "scaling_factor": encoder.vae.config.scaling_factor,
+    encoder = Encoder(config, backbone, accelerator.device)
+    meta = cache_meta(config) | vae_normalization(backbone, encoder.vae.config) | {
+        "family": backbone.family,
         "cls": encoder.cls_info.as_metadata(),
         "cache_dtype": config.data.cache_dtype,
-        "item_shapes": item_shapes(config, encoder.vae.config, encoder.text_encoder.config.d_model),
+        "item_shapes": item_shapes(config, backbone, encoder.vae.config, encoder.text_encoder.config.d_model),
     }
     if accelerator.is_main_process:  # written first, so an interrupted run's items are checked against it
         write_meta(cache, meta | {"complete": False})

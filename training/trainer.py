@@ -40,11 +40,13 @@ from .batches import (
     TaskSampler,
     TrainingCache,
     check_batch_sizes,
+    require_prepared_cache,
     slot_starts,
     step_generator,
 )
 from .config import Config, ConfigError, save_config
-from .models import flush_subnormals_on_cpu, load_scheduler, load_transformer
+from .families import make_objective, resolve_backbone, v_prediction_loss, write_extra_lora_copies  # noqa: F401 (re-export)
+from .models import flush_subnormals_on_cpu, load_transformer
 from .monitor import FlatGradients, MonitorLog, PCGradBuffer, gradient_stats
 from .prepare import write_safetensors
 from .rundir import (
@@ -65,33 +67,6 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter.safetensors"  # unfolded fp32 PEFT weights, for exact resume
 PCGRAD_FILE = "pcgrad_buffer.safetensors"
-
-
-def v_prediction_loss(model, scheduler, batch: Batch, generator: torch.Generator,
-                      timesteps: torch.Tensor | None = None) -> torch.Tensor:
-    """diffusers' CogVideoX LoRA loss: v-prediction turned into an x0 estimate, weighted by 1 / (1 - alpha_bar_t).
-
-    `timesteps` `[B]` fixes t per sample; by default t is uniform over the training timesteps.
-    """
-    latents = batch.latents
-    batch_size = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
-    if timesteps is None:
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-    timesteps = timesteps.to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    velocity = model(
-        hidden_states=noisy,
-        encoder_hidden_states=batch.text,
-        timestep=timesteps,
-        reference_latents=batch.reference,
-        reference_keep_indices=batch.keep_indices,
-        return_dict=False,
-    )[0]
-    predicted_latents = scheduler.get_velocity(velocity.float(), noisy.float(), timesteps)
-    alphas_cumprod = scheduler.alphas_cumprod.to(latents.device)[timesteps]
-    weights = (1.0 / (1.0 - alphas_cumprod)).view(batch_size, *([1] * (latents.ndim - 1)))
-    return (weights * (predicted_latents - latents.float()) ** 2).reshape(batch_size, -1).mean(dim=1).mean()
 
 
 @dataclass
@@ -151,6 +126,8 @@ class Trainer:
     def __init__(self, config: Config, overwrite: bool = False):
         """`overwrite`: start afresh in an output folder that holds an earlier run (moved aside, not deleted)."""
         config.validate()
+        require_prepared_cache(Path(config.data.cache_dir))
+        self.backbone = resolve_backbone(config)  # before plan_run: it fills in the family's LoRA targets
         self.config = config
         train = config.train
         self.output_dir = Path(train.output_dir)
@@ -170,17 +147,17 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.micro_sizes = check_batch_sizes(config, self.accelerator.num_processes)
-        self.cache = TrainingCache(config)
+        self.cache = TrainingCache(config, self.backbone)
         self.tasks = TaskSampler(config)
         self.rules = StepRules.from_config(config)
         self.streams = {IDENTITY: BatchStream(self.cache.identity, train.seed, 0),
                         VIDEO: BatchStream(self.cache.video, train.seed, 1)}
         self.state = TrainerState()
-        self.validator = Validator(config) if config.validation.every else None  # reads its images: before models
+        self.validator = Validator(config, self.backbone) if config.validation.every else None  # reads its images: before models
 
         set_seed(train.seed)  # the LoRA's initial weights depend only on the seed
         self.weight_dtype = resolve_dtype(config.model.dtype)
-        transformer = load_transformer(config.model.path, config.model.dtype)
+        transformer = load_transformer(config.model.path, config.model.dtype, self.backbone)
         lora = config.lora
         transformer.add_adapter(make_lora_config(lora.rank, lora.alpha, lora.dropout, lora.target_modules),
                                 adapter_name=DEFAULT_ADAPTER)
@@ -189,7 +166,8 @@ class Trainer:
                 param.data = param.data.float()  # trainable LoRA weights stay fp32 under bf16 autocast
         if train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
-        self.noise_scheduler = load_scheduler(config.model.path)
+        self.objective = make_objective(config, self.backbone, transformer)
+        self.noise_scheduler = getattr(self.objective, "scheduler", None)  # CogVideoX's DDIM scheduler
         params = [p for p in transformer.parameters() if p.requires_grad]
         optim = config.optim
         optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
@@ -341,7 +319,7 @@ class Trainer:
             torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))  # LoRA dropout masks
             batch = self._batch(task, starts[slot], self.rules, generator)
             with accelerator.accumulate(self.model):
-                loss = v_prediction_loss(self.model, self.noise_scheduler, batch, generator)
+                loss = self.objective.loss(self.model, batch, generator)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     self._before_update(tasks)
@@ -392,10 +370,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.model.eval()  # no LoRA dropout: the measurement depends only on the weights
         schedule = monitor_timesteps(self.config.monitor.timesteps, batch.latents.shape[0],
-                                     self.noise_scheduler.config.num_train_timesteps, generator)
+                                     self.objective.num_train_timesteps, generator)
         with self.accelerator.no_sync(self.model):
             for timesteps in schedule:  # one backward per timestep keeps the activation memory of one pass
-                loss = v_prediction_loss(self.model, self.noise_scheduler, batch, generator, timesteps)
+                loss = self.objective.loss(self.model, batch, generator, timesteps)
                 (loss / len(schedule)).backward()
         local = self.flat.read()
         self.optimizer.zero_grad(set_to_none=True)
@@ -466,6 +444,8 @@ class Trainer:
             return checkpoint / LORA_FILE
         final = self.output_dir / LORA_FILE
         self.export_lora(final)
+        if accelerator.is_main_process:
+            write_extra_lora_copies(self.backbone, final)
         logger.info("LoRA written to %s", final)
         return final
 

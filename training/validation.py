@@ -3,7 +3,9 @@
 With `validation.clip` / `validation.dino` set, each video (as written) is scored with the evaluation
 harness's CLIP-T, CLIP-I and DINO-I (`sdvgen_core.evaluation`) and the means are logged as `val/*`.
 
-The VAE and T5 are loaded on the first run, kept on the CPU between runs and moved to the device only
+Sampling goes through the family's pipeline (`SDVGenPipeline` / `SDVGenWanPipeline`) around the training
+transformer, with the family's scheduler (CogVideoX DDIM, Wan UniPC) and, for Wan, `task.reference_timestep`.
+The VAE and text encoder are loaded on the first run, kept on the CPU between runs and moved to the device only
 while sampling, so training memory is untouched except during validation (T5-XXL needs ~9.5 GB in bf16).
 """
 
@@ -19,20 +21,22 @@ from sdvgen_core.evaluation.evalset import prompt_without_cls
 from sdvgen_core.evaluation.media import read_video
 from sdvgen_core.evaluation.metrics import ClipScorer, DinoScorer, mean_or_none
 from sdvgen_core.evaluation.report import METRICS, Scorers, score_video
-from sdvgen_core.pipeline import SDVGenPipeline
+from sdvgen_core.backbones import Backbone
 from sdvgen_core.reference import prepare_reference_image
 from sdvgen_core.video import frames_to_uint8, write_mp4
 
 from .config import Config
 from .data import DataError
-from .models import load_scheduler, load_text_encoder, load_vae
+from .families import resolve_backbone, validation_pipeline, validation_scheduler
+from .models import load_text_encoder, load_vae
 
 logger = logging.getLogger(__name__)
 
 
 class Validator:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, backbone: Backbone | None = None):
         self.config = config
+        self.backbone = backbone or resolve_backbone(config)
         self.references = []
         for path in config.validation.references:
             try:
@@ -50,8 +54,9 @@ class Validator:
     def _load_parts(self):
         if self._parts is None:
             model = self.config.model
-            tokenizer, text_encoder, _ = load_text_encoder(model.path, model.dtype)
-            self._parts = (tokenizer, text_encoder, load_vae(model.path, model.dtype), load_scheduler(model.path))
+            tokenizer, text_encoder, _ = load_text_encoder(model.path, model.dtype, self.backbone)
+            self._parts = (tokenizer, text_encoder, load_vae(model.path, model.dtype, self.backbone),
+                           validation_scheduler(self.backbone, model.path))
         return self._parts
 
     def run(self, transformer, step: int, output_dir: Path, device: torch.device) -> list[Path]:
@@ -64,13 +69,16 @@ class Validator:
         vae.to(device)
         written, scores = [], []
         try:
-            pipe = SDVGenPipeline(tokenizer, text_encoder, vae, transformer, scheduler)
+            pipe = validation_pipeline(self.backbone, self.config.model.path, tokenizer, text_encoder, vae,
+                                       transformer, scheduler)
+            options = ({"reference_timestep": self.config.task.reference_timestep}
+                       if "reference_timestep" in self.backbone.reference_options else {})
             for index, (reference, prompt) in enumerate(zip(self.references, settings.prompts)):
                 generator = torch.Generator(device="cpu").manual_seed(settings.seed + index)
                 frames = pipe(
                     prompt, reference_image=reference, height=data.height, width=data.width,
                     num_frames=settings.num_frames, num_inference_steps=settings.num_inference_steps,
-                    guidance_scale=settings.guidance_scale, generator=generator,
+                    guidance_scale=settings.guidance_scale, generator=generator, **options,
                 ).frames[0]
                 path = output_dir / "validation" / f"step-{step:06d}-ref{index}.mp4"
                 written.append(write_mp4(frames, path, fps=int(data.video.fps), overwrite=True))
