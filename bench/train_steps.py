@@ -64,6 +64,25 @@ def paper_recipe_seconds(image_sample_s: float, video_sample_s: float) -> float:
     return PAPER_STEPS * per_step
 
 
+def recipe_estimates(label: str, flops: tuple[float, float], medians: dict[str, float], args, device: torch.device,
+                     **extra: str) -> list[dict[str, str]]:
+    """The paper recipe's GPU-hours from per-sample `flops` (identity, video) on A100/H100 at the assumed MFU, plus
+    the measured step times when the 5B model ran on a GPU; `extra` columns go on every row."""
+    recipe_flops = paper_recipe_seconds(*flops)
+    estimates = [{
+        "source": f"{label}, {gpu} at {ASSUMED_MFU:.0%} of bf16 peak",
+        "video/identity cost": f"{flops[1] / flops[0]:.1f}",
+        "GPU-hours": f"{recipe_flops / (PEAK_BF16_TFLOPS[gpu] * 1e12 * ASSUMED_MFU) / 3600:.0f}",
+        **extra,
+    } for gpu in ("A100", "H100")]
+    if args.model == "5b" and device.type == "cuda":
+        measured = paper_recipe_seconds(medians["identity"], medians["video"]) / 3600
+        estimates.append({"source": f"measured step times on {machine_info(device)['accelerator']}",
+                          "video/identity cost": f"{medians['video'] / medians['identity']:.1f}",
+                          "GPU-hours": f"{measured:.0f}", **extra})
+    return estimates
+
+
 def write_clips(folder: Path, count: int, frames: int, height: int, width: int) -> list[Path]:
     from sdvgen_core.video import write_mp4
 
@@ -147,18 +166,8 @@ def main() -> None:
     # The paper recipe at CogVideoX-5B size: FLOP model (any machine) and measured step times (GPU, --model 5b).
     flops_5b_img = step_flops(3072, 42, 1350, 1, args.p_token_drop)
     flops_5b_vid = step_flops(3072, 42, 1350, 13, args.p_token_drop)
-    recipe_flops = paper_recipe_seconds(flops_5b_img, flops_5b_vid)
-    estimates = [{
-        "source": f"FLOP model, {gpu} at {ASSUMED_MFU:.0%} of bf16 peak",
-        "video/identity cost": f"{flops_5b_vid / flops_5b_img:.1f}",
-        "GPU-hours": f"{recipe_flops / (PEAK_BF16_TFLOPS[gpu] * 1e12 * ASSUMED_MFU) / 3600:.0f}",
-        "paper": f"{PAPER_A100_HOURS} A100-hours",
-    } for gpu in ("A100", "H100")]
-    if args.model == "5b" and device.type == "cuda":
-        measured = paper_recipe_seconds(medians["identity"], medians["video"]) / 3600
-        estimates.append({"source": f"measured step times on {machine_info(device)['accelerator']}",
-                          "video/identity cost": f"{medians['video'] / medians['identity']:.1f}",
-                          "GPU-hours": f"{measured:.0f}", "paper": f"{PAPER_A100_HOURS} A100-hours"})
+    estimates = recipe_estimates("FLOP model", (flops_5b_img, flops_5b_vid), medians, args, device,
+                                 paper=f"{PAPER_A100_HOURS} A100-hours")
     report("training_recipe_estimate", estimates, info, args.out)
 
     with tempfile.TemporaryDirectory() as folder:
@@ -253,17 +262,8 @@ def wan_main(args, device: torch.device, dtype: torch.dtype) -> None:
     recipe_tokens, recipe_frames = (height // 32) * (width_px // 32), (frames - 1) // 4 + 1
     flops_5b = [wan_step_flops(3072, five_b["ffn_dim"], five_b["num_layers"], recipe_tokens, t, args.p_token_drop)
                 for t in (1, recipe_frames)]
-    recipe_flops = paper_recipe_seconds(*flops_5b)
-    estimates = [{
-        "source": f"FLOP model, Wan2.2-TI2V-5B at {frames}x{height}x{width_px}, {gpu} at {ASSUMED_MFU:.0%} of bf16 peak",
-        "video/identity cost": f"{flops_5b[1] / flops_5b[0]:.1f}",
-        "GPU-hours": f"{recipe_flops / (PEAK_BF16_TFLOPS[gpu] * 1e12 * ASSUMED_MFU) / 3600:.0f}",
-    } for gpu in ("A100", "H100")]
-    if args.model == "5b" and device.type == "cuda":
-        measured = paper_recipe_seconds(medians["identity"], medians["video"]) / 3600
-        estimates.append({"source": f"measured step times on {machine_info(device)['accelerator']}",
-                          "video/identity cost": f"{medians['video'] / medians['identity']:.1f}",
-                          "GPU-hours": f"{measured:.0f}"})
+    estimates = recipe_estimates(f"FLOP model, Wan2.2-TI2V-5B at {frames}x{height}x{width_px}", flops_5b, medians,
+                                 args, device)
     report("training_recipe_estimate_wan22", estimates, info, args.out)
 
 
