@@ -33,6 +33,7 @@ class LoraSettings:
     path: Path | None
     strength: float
     fuse: bool
+    file_id: tuple[int, int, int] | None = None  # (size, mtime, inode) when loaded: a replaced file is a new LoRA
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,10 @@ class PipelineCache:
 
 
 PIPELINE_CACHE = PipelineCache()
+
+
+def lora_file_identity(path: Path | None) -> tuple[int, int, int] | None:
+    return None if path is None else core_module("lora").file_identity(path)
 
 
 @dataclass(frozen=True)
@@ -254,6 +259,11 @@ class LoadSDVLoRA:
     DESCRIPTION = "Loads CogVideoX-5B and the SDV-Gen LoRA for zero-shot subject-driven video."
 
     @classmethod
+    def IS_CHANGED(cls, lora, **_):
+        # A LoRA file replaced on disk under the same name makes ComfyUI run the loader again (and reload it).
+        return lora_file_identity(host.lora_files().get(lora)) if lora != NO_LORA else None
+
+    @classmethod
     def VALIDATE_INPUTS(cls, lora_strength):
         # Only lora_strength (see validation.py): the model / lora / text_encoder dropdowns keep ComfyUI's own
         # per-input "value not in list" check; load() says where missing files go and checks the folder
@@ -289,7 +299,7 @@ class LoadSDVLoRA:
                                         core_module("pipeline").resolve_dtype(precision))
         handle = SDVGenModel(
             base=BaseSettings(model_dirs[model], precision, str(device), text_encoder_path, weights),
-            lora=LoraSettings(lora_path, float(lora_strength), bool(fuse_lora)),
+            lora=LoraSettings(lora_path, float(lora_strength), bool(fuse_lora), lora_file_identity(lora_path)),
             memory_mode=memory_mode,
             acceleration=tuple(speed.items()),
         )

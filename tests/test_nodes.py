@@ -10,6 +10,7 @@ import inspect
 import shutil
 import subprocess
 import sys
+import time
 import types
 from enum import Enum
 from pathlib import Path
@@ -318,6 +319,25 @@ def test_graph_equals_the_pipeline_called_by_hand(models):
     # fused with strength 0.3 again matches: fuse is a speed setting, not a different model
     fused = run_graph(load(strength=0.3, fuse=True))
     torch.testing.assert_close(fused.latents, weak_latent.latents, rtol=1e-3, atol=1e-4)
+
+
+def test_a_lora_file_replaced_on_disk_is_loaded_again(models):
+    name = "replaced.safetensors"
+    path = models / "loras" / name
+    write_tiny_lora(models / "CogVideo" / "tiny", path, seed=1)
+    try:
+        before_id = LoadSDVLoRA.IS_CHANGED(lora=name, model="tiny", lora_strength=1.0)
+        before = run_graph(load(lora=name)).latents
+        time.sleep(0.01)  # a new modification time even on coarse clocks
+        write_tiny_lora(models / "CogVideo" / "tiny", path.with_suffix(".tmp"), seed=2).replace(path)
+        assert LoadSDVLoRA.IS_CHANGED(lora=name, model="tiny", lora_strength=1.0) != before_id  # ComfyUI re-runs it
+        handle = load(lora=name)
+        after = run_graph(handle).latents
+        assert not torch.allclose(after, before, atol=1e-4)
+        assert handle.pipeline().lora_info.is_file(path)
+    finally:
+        path.unlink()
+    assert LoadSDVLoRA.IS_CHANGED(lora="none", model="tiny") is None
 
 
 def test_a_bad_lora_fails_on_the_loader_and_leaves_no_half_state(models):
