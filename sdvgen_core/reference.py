@@ -85,6 +85,18 @@ def pil_to_array(image: Image.Image) -> np.ndarray:
         raise SDVGenError(f"image mode {image.mode!r} cannot be converted to RGB: {error}") from None
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB the way a photo viewer shows it (see `pil_to_array`); transparency is dropped."""
+    array = pil_to_array(image)
+    if array.dtype == np.uint16:
+        array = np.round(array / 257.0).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        array = np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    return Image.fromarray(np.ascontiguousarray(array[:, :, :3]))
+
+
 # Values a little outside 0..1 (resampling overshoot from other nodes) are clipped, not rescaled.
 _OVERSHOOT = 0.05
 

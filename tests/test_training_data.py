@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -471,3 +472,24 @@ def test_norms_within_a_decade_stay_linear():
     from training.monitor import _use_log_scale
 
     assert not _use_log_scale([1.0, 2.0, 9.9]) and _use_log_scale([0.1, 1.0]) and not _use_log_scale([])
+
+
+def test_training_reads_images_as_a_photo_viewer_shows_them(tmp_path):
+    """A 16-bit gradient keeps its values (not clipped to white) and EXIF rotation is applied, as at inference."""
+    from training.data import _open_image
+
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (32, 1))  # 64 wide, 32 high
+    Image.fromarray(ramp).save(tmp_path / "deep.png")  # uint16 -> a 16-bit PNG
+    read = np.asarray(_open_image(tmp_path / "deep.png"))
+    assert read.shape == (32, 64, 3) and read.dtype == np.uint8
+    np.testing.assert_array_equal(read[0, :, 0], np.round(ramp[0] / 257.0).astype(np.uint8))
+
+    upright = Image.new("RGB", (40, 20), (0, 0, 255))
+    upright.paste((255, 0, 0), (0, 0, 20, 20))  # red left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: a viewer turns it 90 degrees clockwise
+    upright.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    shown = _open_image(tmp_path / "rotated.jpg")
+    assert shown.size == (20, 40)
+    top, bottom = np.asarray(shown)[5, 10], np.asarray(shown)[35, 10]
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200  # the red half is on top after the turn

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from sdvgen_core.prompts import insert_cls
-from sdvgen_core.reference import FitMode, fit_to_size
+from sdvgen_core.reference import FitMode, fit_to_size, load_image, to_rgb
 
 from .config import DataConfig, IdentityDataConfig, VideoDataConfig
 
@@ -136,7 +136,7 @@ def _open_composite(data: bytes) -> tuple[Image.Image, Image.Image]:
     image.load()
     if image.size != SUBJECTS200K_SIZE:
         raise ValueError(f"composite is {image.size[0]}x{image.size[1]}, expected 1056x528")
-    image = image.convert("RGB")
+    image = to_rgb(image)
     return image.crop(SUBJECTS200K_BOXES[0]), image.crop(SUBJECTS200K_BOXES[1])
 
 
@@ -199,8 +199,7 @@ def _subjects200k_record(row: dict, key: str, config: IdentityDataConfig, skips:
 
 
 def _open_image(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return to_rgb(load_image(path))
 
 
 def jsonl_pair_records(config: IdentityDataConfig, skips: SkipCounter, shard: Shard = Shard()

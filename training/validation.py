@@ -15,14 +15,13 @@ import logging
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from sdvgen_core.evaluation.evalset import prompt_without_cls
 from sdvgen_core.evaluation.media import read_video
 from sdvgen_core.evaluation.metrics import ClipScorer, DinoScorer, mean_or_none
 from sdvgen_core.evaluation.report import METRICS, Scorers, score_video
 from sdvgen_core.backbones import Backbone
-from sdvgen_core.reference import prepare_reference_image
+from sdvgen_core.reference import load_image, prepare_reference_image, to_rgb
 from sdvgen_core.video import frames_to_uint8, write_mp4
 
 from .config import Config
@@ -40,8 +39,7 @@ class Validator:
         self.references = []
         for path in config.validation.references:
             try:
-                with Image.open(path) as image:
-                    self.references.append(image.convert("RGB"))
+                self.references.append(to_rgb(load_image(path)))
             except OSError as error:
                 raise DataError(f"validation reference {path!r} cannot be read: {error}") from None
         self._parts = None
