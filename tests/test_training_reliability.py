@@ -344,7 +344,7 @@ def test_damaged_or_finished_checkpoints_are_refused_before_loading(demo, tiny_m
 
 def test_inputs_read_late_are_checked_before_models_load(demo, tiny_model_dir, tmp_path, no_model_loads, capsys):
     missing = tmp_path / "missing.png"
-    with pytest.raises(DataError, match=r"validation reference .*missing.png"):
+    with pytest.raises(DataError, match=r"validation reference .*missing.png.*does not exist"):
         Trainer(config_for(demo, tiny_model_dir, "validate", *QUICK, "validation.every=1",
                            f"validation.references=[{missing}]", "validation.prompts=[a <cls>]"))
     blocker = tmp_path / "a-file"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from sdvgen_core.errors import SDVGenError
 from sdvgen_core.evaluation.evalset import prompt_without_cls
 from sdvgen_core.evaluation.media import read_video
 from sdvgen_core.evaluation.metrics import ClipScorer, DinoScorer, mean_or_none
@@ -40,8 +41,8 @@ class Validator:
         for path in config.validation.references:
             try:
                 self.references.append(to_rgb(load_image(path)))
-            except OSError as error:
-                raise DataError(f"validation reference {path!r} cannot be read: {error}") from None
+            except SDVGenError as error:
+                raise DataError(f"validation reference (validation.references): {error}") from None
         self._parts = None
         settings = config.validation
         # encoders load (on the CPU) before training starts, so a wrong folder fails early
