@@ -64,6 +64,23 @@ def paper_recipe_seconds(image_sample_s: float, video_sample_s: float) -> float:
     return PAPER_STEPS * per_step
 
 
+def step_row(model: str, args, medians: dict[str, float], flop_ratio: float, peaks: dict[str, str],
+             **extra: str) -> dict[str, str]:
+    """One table row: measured identity/video step times, their ratio next to the FLOP ratio, peak memory."""
+    return {
+        "model": model,
+        "size": f"{args.frames}x{args.height}x{args.width}",
+        "LoRA rank": str(args.lora_rank),
+        "identity step s": f"{medians['identity']:.3f}",
+        "video step s": f"{medians['video']:.3f}",
+        "video / identity": f"{medians['video'] / medians['identity']:.1f}",
+        "FLOP ratio": f"{flop_ratio:.1f}",
+        **extra,
+        "identity peak GiB": peaks.get("identity", "n/a (CPU)"),
+        "video peak GiB": peaks.get("video", "n/a (CPU)"),
+    }
+
+
 def recipe_estimates(label: str, flops: tuple[float, float], medians: dict[str, float], args, device: torch.device,
                      **extra: str) -> list[dict[str, str]]:
     """The paper recipe's GPU-hours from per-sample `flops` (identity, video) on A100/H100 at the assumed MFU, plus
@@ -148,18 +165,7 @@ def main() -> None:
     width = config["num_attention_heads"] * config["attention_head_dim"]
     flops_img = step_flops(width, config["num_layers"], tokens_per_frame, 1, args.p_token_drop)
     flops_vid = step_flops(width, config["num_layers"], tokens_per_frame, latent_frames, args.p_token_drop)
-    rows = [{
-        "model": args.model,
-        "size": f"{args.frames}x{args.height}x{args.width}",
-        "LoRA rank": str(args.lora_rank),
-        "identity step s": f"{medians['identity']:.3f}",
-        "video step s": f"{medians['video']:.3f}",
-        "video / identity": f"{medians['video'] / medians['identity']:.1f}",
-        "FLOP ratio": f"{flops_vid / flops_img:.1f}",
-        "paper's estimate": "169 (T^2)",
-        "identity peak GiB": peaks.get("identity", "n/a (CPU)"),
-        "video peak GiB": peaks.get("video", "n/a (CPU)"),
-    }]
+    rows = [step_row(args.model, args, medians, flops_vid / flops_img, peaks, **{"paper's estimate": "169 (T^2)"})]
     info = machine_info(device) | {"setting": f"{args.dtype}, gradient checkpointing, p_token_drop {args.p_token_drop}"}
     report(f"training_steps_{args.model}_{device.type}", rows, info, args.out)
 
@@ -243,17 +249,7 @@ def wan_main(args, device: torch.device, dtype: torch.dtype) -> None:
     width, ffn, layers = config["num_attention_heads"] * config["attention_head_dim"], config["ffn_dim"], config["num_layers"]
     flops_img = wan_step_flops(width, ffn, layers, tokens_per_frame, 1, args.p_token_drop)
     flops_vid = wan_step_flops(width, ffn, layers, tokens_per_frame, latent_frames, args.p_token_drop)
-    rows = [{
-        "model": f"wan22-{args.model}",
-        "size": f"{args.frames}x{args.height}x{args.width}",
-        "LoRA rank": str(args.lora_rank),
-        "identity step s": f"{medians['identity']:.3f}",
-        "video step s": f"{medians['video']:.3f}",
-        "video / identity": f"{medians['video'] / medians['identity']:.1f}",
-        "FLOP ratio": f"{flops_vid / flops_img:.1f}",
-        "identity peak GiB": peaks.get("identity", "n/a (CPU)"),
-        "video peak GiB": peaks.get("video", "n/a (CPU)"),
-    }]
+    rows = [step_row(f"wan22-{args.model}", args, medians, flops_vid / flops_img, peaks)]
     info = machine_info(device) | {"setting": f"{args.dtype}, gradient checkpointing, p_token_drop {args.p_token_drop}"}
     report(f"training_steps_wan22_{args.model}_{device.type}", rows, info, args.out)
 
