@@ -14,7 +14,7 @@ from sdvgen_core.backbones import detect_family, get_backbone, load_pipeline
 from sdvgen_core.cli import main
 from sdvgen_core.errors import GenerationCancelled, LoraLoadError, ModelLoadError, SDVGenError
 from sdvgen_core.lora import WAN_LORA_TARGET_MODULES, read_lora_file
-from sdvgen_core.pipeline import SDVGenPipeline
+from sdvgen_core.pipeline import MemoryMode, SDVGenPipeline
 from sdvgen_core.presets import write_t5_tokenizer
 from sdvgen_core.prompts import CLS_TOKEN
 from sdvgen_core.wan_latents import denormalize_latents, encode_reference, normalize_latents
@@ -384,3 +384,29 @@ def test_backbone_prompt_encoding_is_the_wan_pipelines(wan_pipe):
         stock = WanPipeline._get_t5_prompt_embeds(wan_pipe, prompts, max_sequence_length=512, device="cpu")
     assert ours.shape == (2, 512, 32) and torch.equal(ours, stock)
     assert torch.all(ours[1, 10:] == 0) and torch.any(ours[0, 0] != 0)
+
+
+def test_speed_options_run_on_wan(wan_model_dir, subject_image):
+    """fp8 storage, group offload and the first-block cache (its own cache context per CFG/reference branch)."""
+    def run(pipe):
+        return pipe(
+            "a <cls> dog runs", reference_image=subject_image, **SIZE, num_inference_steps=3, guidance_scale=5.0,
+            reference_guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="latent",
+        ).latents
+
+    pipe = SDVGenWanPipeline.from_model_dir(wan_model_dir, dtype="fp32")
+    plain = run(pipe)
+    pipe.configure_acceleration(cache="first_block", cache_threshold=1e-9)  # nothing is close enough to skip
+    assert run(pipe).equal(plain)
+    pipe.configure_acceleration(cache="first_block", cache_threshold=10.0)  # every step after the first skips
+    skipping = run(pipe)
+    assert torch.isfinite(skipping).all() and not skipping.equal(plain)
+    assert run(pipe).equal(skipping)  # the cache state is reset between calls: deterministic
+    pipe.configure_acceleration(cache="off", weights="fp8")
+    pipe.set_memory_mode("group_offload", "cpu")
+    assert pipe.memory_mode.value == "on_device"  # the CPU has nothing to offload to
+    fp8 = run(pipe)
+    assert torch.isfinite(fp8).all()
+    assert (fp8 - plain).abs().max() < 0.25 * plain.std()
+    pipe._place(MemoryMode.GROUP_OFFLOAD, torch.device("cpu"))  # the CPU as both devices exercises the hooks
+    assert run(pipe).equal(fp8)
