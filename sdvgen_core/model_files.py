@@ -64,7 +64,7 @@ def missing_text_encoder_message(root: Path, missing: list[str]) -> str:
 
 
 def check_model_dir(model_dir: str | os.PathLike, text_encoder_file: bool = False) -> Path:
-    """Raise `ModelLoadError` unless `model_dir` is a complete CogVideoX diffusers folder (safetensors).
+    """Raise `ModelLoadError` unless `model_dir` is a complete diffusers model folder (safetensors), either backbone.
 
     With `text_encoder_file` the text encoder comes from a separate file, so `text_encoder/` may be
     missing (and `tokenizer/`, which the host's T5 tokenizer then replaces).
@@ -72,8 +72,9 @@ def check_model_dir(model_dir: str | os.PathLike, text_encoder_file: bool = Fals
     root = Path(model_dir)
     if not root.is_dir():
         raise ModelLoadError(
-            f"model folder {str(root)!r} does not exist; download CogVideoX-5B in diffusers layout "
-            f"(THUDM/CogVideoX-5b) and point to the folder that holds {', '.join(MODEL_SUBFOLDERS)}"
+            f"model folder {str(root)!r} does not exist; download CogVideoX-5B (THUDM/CogVideoX-5b) or Wan 2.2 "
+            f"TI2V-5B (Wan-AI/Wan2.2-TI2V-5B-Diffusers) in diffusers layout and point to the folder that holds "
+            f"{', '.join(MODEL_SUBFOLDERS)}"
         )
     optional = TEXT_SUBFOLDERS if text_encoder_file else ()
     missing = [name for name in MODEL_SUBFOLDERS if not (root / name).is_dir() and name not in optional]
@@ -83,7 +84,7 @@ def check_model_dir(model_dir: str | os.PathLike, text_encoder_file: bool = Fals
     if missing:
         raise ModelLoadError(
             f"model folder {str(root)!r} lacks the subfolder(s) {missing}; expected the diffusers layout "
-            f"{list(MODEL_SUBFOLDERS)} (as in THUDM/CogVideoX-5b)"
+            f"{list(MODEL_SUBFOLDERS)} (as in THUDM/CogVideoX-5b or Wan-AI/Wan2.2-TI2V-5B-Diffusers)"
         )
     weighted = ("transformer", "vae") if text_encoder_file else ("transformer", "vae", "text_encoder")
     for name in MODEL_SUBFOLDERS:
